@@ -56,6 +56,11 @@ class Paths:
     def settings(self) -> Path:
         return self.home / "settings.json"
 
+    @property
+    def measurements(self) -> Path:
+        # Throughput measured by `freehold bench`, read by `freehold cost`; one JSON record a line.
+        return self.home / "measurements.jsonl"
+
     def ensure(self) -> Paths:
         for d in (self.home, self.blobs, self.tmp, self.licenses):
             d.mkdir(parents=True, exist_ok=True)
