@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import sqlite3
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
@@ -29,3 +32,42 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     h = tmp_path / "home"
     monkeypatch.setenv("FREEHOLD_HOME", str(h))
     return h
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> object:
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]):
+    """Run the real `freehold` CLI in-process: `cli("list", "--json")` → CliResult."""
+    from freehold.cli import main
+
+    def run(*args: object) -> CliResult:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+def vault_state(home: Path) -> tuple[list[str], list[tuple]]:
+    """Everything visible in a vault: blob names and catalog rows."""
+    blobs = sorted(p.name for p in (home / "blobs").glob("*")) if (home / "blobs").exists() else []
+    db = home / "catalog.db"
+    if not db.exists():
+        return blobs, []
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT name, tag, digest FROM models ORDER BY name, tag").fetchall()
+    return blobs, rows
