@@ -1,0 +1,233 @@
+"""Load a GGUF model through llama.cpp's low-level API: tokenize, detokenize, model facts.
+
+`Model` owns the weights (read-only, shareable between contexts and threads). Contexts are
+created by the scheduler and the embedder from it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp as ll
+
+from freehold.errors import InvalidInput, NotFound
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+@ll.llama_log_callback
+def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    # llama.cpp is chatty on stderr; Freehold reports its own errors. Nothing is printed, so no
+    # prompt text can leak through llama.cpp's debug logs either.
+    return None
+
+
+def ensure_backend() -> None:
+    """Initialise llama.cpp once per process and silence its logging."""
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            ll.llama_log_set(_quiet_log, ctypes.c_void_p(0))
+            ll.llama_backend_init()
+            _backend_ready = True
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyperthread siblings counted once)."""
+    try:
+        allowed = os.sched_getaffinity(0)
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, (os.cpu_count() or 2) // 2)
+    cores: set[str] = set()
+    for cpu in allowed:
+        sib = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+        try:
+            cores.add(sib.read_text().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+def available_ram_bytes() -> int:
+    """MemAvailable from /proc/meminfo; a conservative 4 GiB when unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Facts about a loaded model that callers (server, CLI) may want to show."""
+
+    path: str
+    name: str
+    arch: str
+    n_params: int
+    size_bytes: int
+    n_ctx_train: int
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    has_chat_template: bool
+    pooling: str
+
+
+class Model:
+    """A loaded GGUF model: weights, vocabulary, tokenizer and metadata."""
+
+    def __init__(self, path: str | os.PathLike[str], *, use_mmap: bool = True) -> None:
+        p = Path(path)
+        if not p.is_file():
+            raise NotFound(f"model file {p} does not exist; check the path or the vault name")
+        ensure_backend()
+        params = ll.llama_model_default_params()
+        params.n_gpu_layers = 0
+        params.use_mmap = use_mmap
+        ptr = ll.llama_model_load_from_file(str(p).encode(), params)
+        if not ptr:
+            raise InvalidInput(f"{p} could not be loaded as a GGUF model; is it a valid .gguf?")
+        self._ptr = ptr
+        self.path = p
+        self.vocab = ll.llama_model_get_vocab(ptr)
+        self.n_vocab: int = ll.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train: int = ll.llama_model_n_ctx_train(ptr)
+        self.n_embd: int = ll.llama_model_n_embd(ptr)
+        self.n_layer: int = ll.llama_model_n_layer(ptr)
+        self.add_bos: bool = bool(ll.llama_vocab_get_add_bos(self.vocab))
+        self.bos_id: int = ll.llama_vocab_bos(self.vocab)
+        self.eos_id: int = ll.llama_vocab_eos(self.vocab)
+        self._piece_cache: dict[int, bytes] = {}
+        self._eog_cache: dict[int, bool] = {}
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    @property
+    def ptr(self) -> ll.llama_model_p:
+        if self._ptr is None:
+            raise RuntimeError("model is closed")
+        return self._ptr
+
+    def close(self) -> None:
+        if self._ptr is not None:
+            ll.llama_model_free(self._ptr)
+            self._ptr = None
+
+    def __del__(self) -> None:  # best effort; engines close explicitly
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- metadata ------------------------------------------------------------------------------
+
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value as a string, or None when the key is absent."""
+        buf = ctypes.create_string_buffer(4096)
+        n = ll.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            ll.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    @property
+    def arch(self) -> str:
+        return self.meta("general.architecture") or "unknown"
+
+    @property
+    def name(self) -> str:
+        return self.meta("general.name") or self.path.stem
+
+    def chat_template(self) -> str | None:
+        raw = ll.llama_model_chat_template(self.ptr, None)
+        return raw.decode("utf-8", errors="replace") if raw else None
+
+    def pooling_type(self) -> int:
+        """The pooling the model declares (LLAMA_POOLING_TYPE_*), NONE when it declares none."""
+        v = self.meta(f"{self.arch}.pooling_type")
+        return int(v) if v and v.lstrip("-").isdigit() else ll.LLAMA_POOLING_TYPE_NONE
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of f16 KV cache one token takes across all layers (for slot sizing)."""
+        arch = self.arch
+        n_head = ll.llama_model_n_head(self.ptr) or 1
+        n_head_kv = ll.llama_model_n_head_kv(self.ptr) or n_head
+        k_len = int(self.meta(f"{arch}.attention.key_length") or self.n_embd // n_head)
+        v_len = int(self.meta(f"{arch}.attention.value_length") or self.n_embd // n_head)
+        return self.n_layer * n_head_kv * (k_len + v_len) * 2
+
+    def info(self) -> ModelInfo:
+        pooling = {1: "mean", 2: "cls", 3: "last", 4: "rank"}.get(self.pooling_type(), "none")
+        return ModelInfo(
+            path=str(self.path),
+            name=self.name,
+            arch=self.arch,
+            n_params=ll.llama_model_n_params(self.ptr),
+            size_bytes=ll.llama_model_size(self.ptr),
+            n_ctx_train=self.n_ctx_train,
+            n_vocab=self.n_vocab,
+            n_embd=self.n_embd,
+            n_layer=self.n_layer,
+            has_chat_template=self.chat_template() is not None,
+            pooling=pooling,
+        )
+
+    # -- tokens --------------------------------------------------------------------------------
+
+    def tokenize(
+        self, text: str, *, add_special: bool = True, parse_special: bool = True
+    ) -> list[int]:
+        """Text to token ids. `add_special` adds BOS when the model wants one."""
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        arr = (ll.llama_token * cap)()
+        n = ll.llama_tokenize(self.vocab, data, len(data), arr, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            arr = (ll.llama_token * cap)()
+            n = ll.llama_tokenize(self.vocab, data, len(data), arr, cap, add_special, parse_special)
+            if n < 0:
+                raise InvalidInput("the prompt could not be tokenized; check its encoding")
+        return list(arr[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes one token renders to (control tokens render empty). Cached per token."""
+        cached = self._piece_cache.get(token)
+        if cached is not None:
+            return cached
+        # A fresh buffer per miss: the scheduler and callers' threads may both detokenize.
+        buf = ctypes.create_string_buffer(64)
+        n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        out = buf.raw[:n]
+        self._piece_cache[token] = out
+        return out
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        v = self._eog_cache.get(token)
+        if v is None:
+            v = bool(ll.llama_vocab_is_eog(self.vocab, token))
+            self._eog_cache[token] = v
+        return v
+
+    def token_text(self, token: int) -> str:
+        """The vocabulary text of a token, special tokens included (for templates)."""
+        if token < 0:
+            return ""
+        raw = ll.llama_vocab_get_text(self.vocab, token)
+        return raw.decode("utf-8", errors="replace") if raw else ""

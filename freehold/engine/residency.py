@@ -1,0 +1,176 @@
+"""Several models resident at once under a memory budget.
+
+Each loaded model is its own `Engine` with its own scheduler thread. Loads run on a background
+loader thread (llama.cpp releases the GIL while reading weights), so models already loaded keep
+serving. When a new model does not fit, idle models are unloaded least-recently-used first; a
+model idle for longer than its keep-alive is unloaded by a reaper thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from freehold.engine.model import available_ram_bytes
+from freehold.engine.scheduler import Engine, EngineConfig
+from freehold.errors import FreeholdError, NotFound
+
+
+class InsufficientMemory(FreeholdError):
+    """A model does not fit in the memory budget even after unloading every idle model."""
+
+
+def default_resolver(ref: str) -> Path:
+    """Vault names and .gguf paths; falls back to paths alone while the vault is absent."""
+    try:
+        from freehold.vault import resolve_model_path  # type: ignore[attr-defined]
+    except ImportError:
+        resolve_model_path = None
+    if resolve_model_path is not None:
+        return Path(resolve_model_path(ref))
+    p = Path(ref).expanduser()
+    if p.suffix == ".gguf" and p.is_file():
+        return p
+    raise NotFound(f"no model named {ref!r}; give a path to a .gguf file")
+
+
+@dataclass
+class _Entry:
+    ref: str
+    engine: Engine
+    bytes: int
+    last_used: float = field(default_factory=time.monotonic)
+
+    def idle_since(self) -> float:
+        return max(self.last_used, self.engine.last_active)
+
+
+class ModelPool:
+    """Get an `Engine` per model reference, loading and unloading as memory and use dictate."""
+
+    def __init__(
+        self,
+        *,
+        budget_bytes: int | None = None,
+        keep_alive_s: float = 300.0,
+        config: EngineConfig | None = None,
+        resolver: Callable[[str], Path] = default_resolver,
+    ) -> None:
+        self.budget_bytes = budget_bytes or int(available_ram_bytes() * 0.75)
+        self.keep_alive_s = keep_alive_s
+        self.config = config
+        self._resolve = resolver
+        self._lock = threading.RLock()
+        self._entries: dict[str, _Entry] = {}
+        self._loading: dict[str, Future[Engine]] = {}
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="freehold-load")
+        self._closed = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, name="freehold-reaper", daemon=True)
+        self._reaper.start()
+
+    # -- public --------------------------------------------------------------------------------
+
+    def load(self, ref: str, config: EngineConfig | None = None) -> Future[Engine]:
+        """Start loading `ref` in the background (or return the loaded/in-flight one)."""
+        path = self._resolve(ref)  # NotFound raises here, at once
+        with self._lock:
+            if ref in self._entries:
+                e = self._entries[ref]
+                e.last_used = time.monotonic()
+                done: Future[Engine] = Future()
+                done.set_result(e.engine)
+                return done
+            fut = self._loading.get(ref)
+            if fut is None:
+                fut = self._loader.submit(self._load, ref, path, config or self.config)
+                self._loading[ref] = fut
+            return fut
+
+    def get(
+        self, ref: str, *, timeout: float | None = None, config: EngineConfig | None = None
+    ) -> Engine:
+        """The engine for `ref`, loading it first if needed (blocks only the caller)."""
+        return self.load(ref, config).result(timeout)
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return list(self._entries)
+
+    def loading(self) -> list[str]:
+        with self._lock:
+            return list(self._loading)
+
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(e.bytes for e in self._entries.values())
+
+    def unload(self, ref: str) -> bool:
+        with self._lock:
+            e = self._entries.pop(ref, None)
+        if e is None:
+            return False
+        e.engine.close()
+        return True
+
+    def close(self) -> None:
+        self._closed.set()
+        self._loader.shutdown(wait=True)
+        for ref in self.loaded():
+            self.unload(ref)
+
+    def __enter__(self) -> ModelPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _load(self, ref: str, path: Path, config: EngineConfig | None) -> Engine:
+        try:
+            estimate = int(path.stat().st_size * 1.3) + (64 << 20)
+            self._make_room(estimate, ref)
+            engine = Engine(path, config, name=ref)
+            actual = engine.model.info().size_bytes + (
+                engine.model.kv_bytes_per_token() * engine.n_ctx_per_slot * engine.n_slots
+            )
+            with self._lock:
+                self._entries[ref] = _Entry(ref, engine, actual)
+            return engine
+        finally:
+            with self._lock:
+                self._loading.pop(ref, None)
+
+    def _make_room(self, need: int, ref: str) -> None:
+        with self._lock:
+            while self.used_bytes() + need > self.budget_bytes:
+                idle = [e for e in self._entries.values() if not e.engine.busy]
+                if not idle:
+                    raise InsufficientMemory(
+                        f"loading {ref} needs about {need >> 20} MiB but only "
+                        f"{(self.budget_bytes - self.used_bytes()) >> 20} MiB of the "
+                        f"{self.budget_bytes >> 20} MiB budget is free and every loaded model is "
+                        "busy; retry later or raise the budget"
+                    )
+                victim = min(idle, key=_Entry.idle_since)
+                self._entries.pop(victim.ref)
+                victim.engine.close()
+
+    def _reap(self) -> None:
+        period = max(0.05, min(self.keep_alive_s / 4, 5.0))
+        while not self._closed.wait(period):
+            now = time.monotonic()
+            with self._lock:
+                stale = [
+                    e
+                    for e in self._entries.values()
+                    if not e.engine.busy and now - e.idle_since() > self.keep_alive_s
+                ]
+                for e in stale:
+                    self._entries.pop(e.ref)
+            for e in stale:
+                e.engine.close()

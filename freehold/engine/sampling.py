@@ -1,0 +1,175 @@
+"""Per-request sampling parameters and the native llama.cpp sampler chain built from them.
+
+Sampling runs in C (one chain per slot); Python only picks which output row to sample from.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import llama_cpp as ll
+
+from freehold.engine import grammar as _grammar
+from freehold.engine.model import Model
+from freehold.errors import InvalidInput
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens. `temperature <= 0` is greedy (argmax), deterministic by construction.
+
+    Defaults follow llama.cpp's server. Penalties apply to generated tokens only (OpenAI
+    semantics). `seed=None` draws a fresh seed; a fixed seed reproduces the output, also when
+    the request is batched beside others.
+    """
+
+    max_tokens: int | None = 256  # None: until the end of the context
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    penalty_last_n: int = 64
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    ignore_eos: bool = False
+    # Constrained output: at most one of these.
+    json_mode: bool = False
+    json_schema: dict[str, Any] | None = None
+    grammar: str | None = None  # raw GBNF, root rule "root"
+
+    def validate(self) -> SamplingParams:
+        """Raise InvalidInput naming the bad field; return self for chaining."""
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise InvalidInput(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidInput(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidInput(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidInput(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.top_k < 0:
+            raise InvalidInput(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.repeat_penalty <= 0:
+            raise InvalidInput(
+                f"repeat_penalty must be > 0 (1 disables it), got {self.repeat_penalty}"
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not -2.0 <= v <= 2.0:
+                raise InvalidInput(f"{name} must be in [-2, 2], got {v}")
+        if not 0 <= self.top_logprobs <= 20:
+            raise InvalidInput(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
+        if self.seed is not None and not 0 <= self.seed < 2**32 - 1:
+            raise InvalidInput(f"seed must be in [0, 2^32-2], got {self.seed}")
+        if sum([self.json_mode, self.json_schema is not None, self.grammar is not None]) > 1:
+            raise InvalidInput("use only one of json_mode, json_schema and grammar")
+        if len(self.stop) > 16:
+            raise InvalidInput(f"at most 16 stop strings, got {len(self.stop)}")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    def resolved_seed(self) -> int:
+        return self.seed if self.seed is not None else secrets.randbelow(2**32 - 1)
+
+
+class Sampler:
+    """A native sampler chain owned by one request. Free it when the request ends."""
+
+    def __init__(self, model: Model, params: SamplingParams, seed: int) -> None:
+        cp = ll.llama_sampler_chain_default_params()
+        cp.no_perf = True
+        self._ptr = ll.llama_sampler_chain_init(cp)
+        self.seed = seed
+        try:
+            for s in _links(model, params, seed):
+                ll.llama_sampler_chain_add(self._ptr, s)
+        except Exception:
+            self.close()
+            raise
+
+    @property
+    def ptr(self) -> ll.llama_sampler_p:
+        return self._ptr
+
+    def sample(self, ctx: ll.llama_context_p, idx: int) -> int:
+        """Sample from output row `idx` of the last decode and accept the token into the chain."""
+        return ll.llama_sampler_sample(self._ptr, ctx, idx)
+
+    def close(self) -> None:
+        if self._ptr:
+            ll.llama_sampler_free(self._ptr)
+            self._ptr = None
+
+
+def _links(model: Model, p: SamplingParams, seed: int) -> list[ll.llama_sampler_p]:
+    """The chain, in llama.cpp's usual order: bias, grammar, penalties, truncation, temp, pick."""
+    links: list[ll.llama_sampler_p] = []
+    bias = dict(p.logit_bias)
+    if p.ignore_eos:
+        for t in range(model.n_vocab):
+            if model.is_eog(t):
+                bias[t] = -math.inf
+    if bias:
+        for tok in bias:
+            if not 0 <= int(tok) < model.n_vocab:
+                raise InvalidInput(
+                    f"logit_bias token {tok} is outside the vocabulary 0..{model.n_vocab - 1}"
+                )
+        arr = (ll.llama_logit_bias * len(bias))()
+        for i, (tok, b) in enumerate(bias.items()):
+            arr[i].token = int(tok)
+            arr[i].bias = float(b)
+        links.append(ll.llama_sampler_init_logit_bias(model.n_vocab, len(bias), arr))
+    gbnf = _grammar.gbnf_for(p)
+    if gbnf is not None:
+        g = ll.llama_sampler_init_grammar(model.vocab, gbnf.encode(), b"root")
+        if not g:
+            raise InvalidInput(
+                "the grammar could not be parsed by llama.cpp; check its GBNF syntax"
+            )
+        links.append(g)
+    if p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+        links.append(
+            ll.llama_sampler_init_penalties(
+                model.n_vocab,
+                p.penalty_last_n,
+                p.repeat_penalty,
+                p.frequency_penalty,
+                p.presence_penalty,
+            )
+        )
+    if p.greedy:
+        links.append(ll.llama_sampler_init_greedy())
+        return links
+    if p.top_k > 0:
+        links.append(ll.llama_sampler_init_top_k(p.top_k))
+    if p.top_p < 1.0:
+        links.append(ll.llama_sampler_init_top_p(p.top_p, 1))
+    if p.min_p > 0.0:
+        links.append(ll.llama_sampler_init_min_p(p.min_p, 1))
+    links.append(ll.llama_sampler_init_temp(p.temperature))
+    links.append(ll.llama_sampler_init_dist(seed))
+    return links
+
+
+def logit_bias_from_strings(bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI sends token ids as JSON object keys (strings)."""
+    out: dict[int, float] = {}
+    for k, v in (bias or {}).items():
+        try:
+            out[int(k)] = float(v)
+        except (TypeError, ValueError):
+            raise InvalidInput(f"logit_bias key {k!r} is not a token id") from None
+    return out

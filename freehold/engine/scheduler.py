@@ -1,0 +1,553 @@
+"""The Engine: one llama.cpp context, N sequence slots, and a scheduler thread that owns them.
+
+Continuous batching: between two decode steps requests are admitted into free slots and finished
+ones leave. Every step decodes one token for each generating slot plus, in the room left in the
+batch, the next chunk of any prompt still being prefilled, so long prompts never stall streams.
+Callers only touch thread-safe structures: the admission deque (under a lock) and their
+`RequestHandle`s. Each slot keeps the tokens whose KV it holds after its request ends, so a later
+request sharing a prefix (a system prompt, a few-shot preamble) only computes the rest.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import llama_cpp as ll
+import numpy as np
+
+from freehold.engine.batch import Batch
+from freehold.engine.chat_template import ChatTemplate, ChatTemplateError, Message
+from freehold.engine.model import Model, available_ram_bytes, physical_cores
+from freehold.engine.sampling import Sampler, SamplingParams
+from freehold.engine.stops import StopMatcher
+from freehold.engine.types import (
+    Completion,
+    ContextOverflow,
+    Delta,
+    EngineClosed,
+    EngineStats,
+    Finished,
+    FinishReason,
+    QueueFull,
+    RequestHandle,
+    Timings,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from freehold.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class EngineConfig:
+    """How to size and run one loaded model. `None` means: choose from the machine and model."""
+
+    n_slots: int | None = None  # concurrent sequences; default from free RAM, at most 8
+    n_ctx_per_slot: int | None = None  # tokens per sequence; default min(model ctx, 4096)
+    n_threads: int | None = None  # default: physical cores
+    n_batch: int = 512  # tokens per decode step (decode tokens + prefill chunk)
+    max_queue: int = 64  # requests waiting for a slot before QueueFull
+    flash_attn: bool = False
+    kv_unified: bool = (
+        False  # per-slot KV streams: batch-invariant, so batching never changes output
+    )
+    prefix_cache: bool = True
+    ram_fraction: float = 0.25  # share of free RAM the KV cache may take when sizing slots
+
+
+@dataclass
+class _Request:
+    handle: RequestHandle
+    prompt: list[int]
+    params: SamplingParams
+    sampler: Sampler
+    matcher: StopMatcher
+    max_new: int
+    # scheduler state
+    slot: int = -1
+    pos: int = 0  # next prompt index to prefill
+    cached: int = 0
+    generated: list[int] = field(default_factory=list)
+    pending_token: int = -1  # sampled but not yet decoded
+    out_idx: int = -1  # batch row holding this request's logits after the step
+    admitted_at: float = 0.0
+    first_token_at: float = 0.0
+
+
+@dataclass
+class _Slot:
+    id: int
+    tokens: list[int] = field(default_factory=list)  # exactly what the KV holds for seq `id`
+    req: _Request | None = None
+    last_used: float = 0.0
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n], dtype=np.int32) != np.asarray(b[:n], dtype=np.int32))
+    return int(diff[0]) if diff.size else n
+
+
+class Engine:
+    """Serve one model to many concurrent requests. Thread-safe; use from any thread or loop."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | Model,
+        config: EngineConfig | None = None,
+        *,
+        name: str | None = None,
+    ) -> None:
+        self.config = cfg = config or EngineConfig()
+        self._owns_model = not isinstance(model, Model)
+        self.model = model if isinstance(model, Model) else Model(model)
+        self.name = name or self.model.path.stem
+        self.n_threads = cfg.n_threads or physical_cores()
+        self.n_ctx_per_slot = self._ctx_per_slot(cfg)
+        self.n_slots = cfg.n_slots or self._default_slots(cfg)
+        if self.n_slots < 1:
+            raise InvalidInput(f"n_slots must be at least 1, got {self.n_slots}")
+        self._ctx = self._new_context(cfg)
+        self._mem = ll.llama_get_memory(self._ctx)
+        self._n_vocab = self.model.n_vocab
+        self._batch = Batch(max(cfg.n_batch, self.n_slots))
+        self._slots = [_Slot(i) for i in range(self.n_slots)]
+        self._pending: collections.deque[_Request] = collections.deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self._template: ChatTemplate | None = None
+        self._template_loaded = False
+        self._embedder: Any = None
+        self._embed_lock = threading.Lock()
+        self.last_active = time.monotonic()
+        self._n_generated = 0
+        self._n_prompt_computed = 0
+        self._n_prompt_cached = 0
+        self._fatal: str | None = None
+        self._thread = threading.Thread(target=self._run, name=f"engine-{self.name}", daemon=True)
+        self._thread.start()
+
+    # -- sizing --------------------------------------------------------------------------------
+
+    def _ctx_per_slot(self, cfg: EngineConfig) -> int:
+        n = cfg.n_ctx_per_slot or min(self.model.n_ctx_train or 4096, 4096)
+        if n < 16:
+            raise InvalidInput(f"n_ctx_per_slot must be at least 16, got {n}")
+        return -(-n // 256) * 256  # llama.cpp pads the KV cache to 256 cells anyway
+
+    def _default_slots(self, cfg: EngineConfig) -> int:
+        per_slot = self.model.kv_bytes_per_token() * self.n_ctx_per_slot
+        fit = int(available_ram_bytes() * cfg.ram_fraction) // max(per_slot, 1)
+        return max(1, min(8, fit))
+
+    def _new_context(self, cfg: EngineConfig) -> ll.llama_context_p:
+        p = ll.llama_context_default_params()
+        p.n_seq_max = self.n_slots
+        p.n_ctx = self.n_ctx_per_slot * self.n_slots
+        p.n_batch = max(cfg.n_batch, self.n_slots)
+        p.n_ubatch = p.n_batch
+        p.n_threads = self.n_threads
+        p.n_threads_batch = self.n_threads
+        p.flash_attn_type = (
+            ll.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if cfg.flash_attn
+            else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        p.kv_unified = cfg.kv_unified
+        p.swa_full = True  # lets prefix reuse trim a sequence's tail on sliding-window models
+        p.no_perf = True
+        p.embeddings = False
+        ctx = ll.llama_init_from_model(self.model.ptr, p)
+        if not ctx:
+            raise InvalidInput(
+                f"could not create a context of {p.n_ctx} tokens for {self.name}; "
+                "lower n_slots or n_ctx_per_slot"
+            )
+        return ctx
+
+    # -- public API ----------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        return self.model.tokenize(text, add_special=add_special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.model.detokenize(tokens)
+
+    def submit(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        *,
+        add_special: bool = True,
+    ) -> RequestHandle:
+        """Queue a completion; returns at once. Raises InvalidInput/ContextOverflow/QueueFull."""
+        if self._closed or self._fatal:
+            raise EngineClosed(f"model {self.name} is not running ({self._fatal or 'closed'})")
+        params = (params or SamplingParams()).validate()
+        tokens = (
+            self.tokenize(prompt, add_special=add_special)
+            if isinstance(prompt, str)
+            else list(prompt)
+        )
+        self._check_prompt(tokens)
+        room = self.n_ctx_per_slot - len(tokens)
+        max_new = room if params.max_tokens is None else min(params.max_tokens, room)
+        handle = RequestHandle(next(_ids))
+        handle._wake = self._wake
+        sampler = Sampler(self.model, params, params.resolved_seed())
+        req = _Request(handle, tokens, params, sampler, StopMatcher(params.stop), max_new)
+        with self._lock:
+            if len(self._pending) >= self.config.max_queue:
+                sampler.close()
+                raise QueueFull(
+                    f"model {self.name} already has {len(self._pending)} requests waiting "
+                    f"(max_queue={self.config.max_queue}); retry shortly"
+                )
+            self._pending.append(req)
+            self.last_active = time.monotonic()
+        self._wake.set()
+        return handle
+
+    def complete(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        *,
+        timeout: float | None = None,
+        add_special: bool = True,
+    ) -> Completion:
+        """Submit and wait for the whole result."""
+        return self.submit(prompt, params, add_special=add_special).result(timeout)
+
+    @property
+    def chat_template(self) -> ChatTemplate | None:
+        if not self._template_loaded:
+            src = self.model.chat_template()
+            if src is not None:
+                self._template = ChatTemplate(
+                    src,
+                    bos_token=self.model.token_text(self.model.bos_id),
+                    eos_token=self.model.token_text(self.model.eos_id),
+                )
+            self._template_loaded = True
+        return self._template
+
+    def render_chat(
+        self,
+        messages: list[Message],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
+    ) -> str:
+        """The prompt text the model's own template makes of `messages`."""
+        tmpl = self.chat_template
+        if tmpl is None:
+            raise ChatTemplateError(
+                f"model {self.name} has no chat template (it is a base model), so it cannot chat; "
+                "send a plain completion instead (e.g. `freehold run --raw`)"
+            )
+        return tmpl.render(
+            messages, add_generation_prompt=add_generation_prompt, tools=tools, **template_kwargs
+        )
+
+    def chat(
+        self,
+        messages: list[Message],
+        params: SamplingParams | None = None,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        **template_kwargs: Any,
+    ) -> RequestHandle:
+        """Render `messages` with the model's template and submit the completion."""
+        text = self.render_chat(messages, tools=tools, **template_kwargs)
+        bos = self.model.token_text(self.model.bos_id) if self.model.add_bos else ""
+        # Templates that write the BOS themselves must not get a second one from the tokenizer.
+        add_special = not (bos and text.startswith(bos))
+        return self.submit(text, params, add_special=add_special)
+
+    def embed(self, texts: list[str], *, normalize: bool = True) -> list[list[float]]:
+        """One pooled embedding per text (a separate embeddings context, made on first use)."""
+        from freehold.engine.embeddings import Embedder
+
+        with self._embed_lock:
+            if self._embedder is None:
+                self._embedder = Embedder(
+                    self.model, n_ctx=self.n_ctx_per_slot, n_threads=self.n_threads
+                )
+            self.last_active = time.monotonic()
+            return self._embedder.embed(texts, normalize=normalize)
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            queued = len(self._pending)
+        return EngineStats(
+            model=self.name,
+            slots=self.n_slots,
+            running=sum(1 for s in self._slots if s.req is not None),
+            queued=queued,
+            max_queue=self.config.max_queue,
+            n_ctx_per_slot=self.n_ctx_per_slot,
+            tokens_generated=self._n_generated,
+            prompt_tokens_computed=self._n_prompt_computed,
+            prompt_tokens_cached=self._n_prompt_cached,
+        )
+
+    @property
+    def busy(self) -> bool:
+        st = self.stats()
+        return st.running + st.queued > 0
+
+    def close(self) -> None:
+        """Stop the scheduler (pending and running requests finish with an error) and free all."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
+        with self._embed_lock:
+            if self._embedder is not None:
+                self._embedder.close()
+                self._embedder = None
+        if self._ctx is not None:
+            ll.llama_free(self._ctx)
+            self._ctx = None
+        if self._owns_model:
+            self.model.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_prompt(self, tokens: list[int]) -> None:
+        if not tokens:
+            raise InvalidInput("the prompt is empty; send at least one token of text")
+        if len(tokens) >= self.n_ctx_per_slot:
+            raise ContextOverflow(
+                f"the prompt is {len(tokens)} tokens but the context holds {self.n_ctx_per_slot} "
+                f"(room is needed for at least one generated token); shorten the prompt or load "
+                f"the model with a larger context"
+            )
+        bad = [t for t in tokens if not 0 <= t < self._n_vocab]
+        if bad:
+            raise InvalidInput(
+                f"token id {bad[0]} is outside the vocabulary 0..{self._n_vocab - 1}"
+            )
+
+    # -- scheduler thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._closed:
+                self._admit()
+                self._drop_cancelled()
+                if not any(s.req for s in self._slots):
+                    self._wake.wait(timeout=0.25)
+                    self._wake.clear()
+                    continue
+                self._step()
+        except Exception as e:  # a bug or a llama.cpp failure: fail everyone loudly, not hang
+            log.exception("engine %s scheduler crashed", self.name)
+            self._fatal = f"scheduler error: {type(e).__name__}: {e}"
+        finally:
+            self._fail_all(self._fatal or "the model was unloaded")
+
+    def _fail_all(self, why: str) -> None:
+        for s in self._slots:
+            if s.req is not None:
+                self._finish(s, "error", error=why)
+        with self._lock:
+            pending, self._pending = list(self._pending), collections.deque()
+        for r in pending:
+            r.sampler.close()
+            r.handle._push(Finished("error", Usage(len(r.prompt), 0, 0), _no_timings(), why))
+
+    def _admit(self) -> None:
+        while True:
+            free = [s for s in self._slots if s.req is None]
+            if not free:
+                return
+            with self._lock:
+                if not self._pending:
+                    return
+                req = self._pending.popleft()
+            if req.handle.cancelled:
+                req.sampler.close()
+                req.handle._push(
+                    Finished(
+                        "cancelled",
+                        Usage(len(req.prompt), 0, 0),
+                        _timings(req, time.perf_counter()),
+                    )
+                )
+                continue
+            self._place(req, free)
+
+    def _place(self, req: _Request, free: list[_Slot]) -> None:
+        """Put `req` in the free slot sharing the longest prefix; keep that prefix's KV."""
+        if self.config.prefix_cache:
+            slot = max(free, key=lambda s: (_common_prefix(s.tokens, req.prompt), -s.last_used))
+            keep = min(_common_prefix(slot.tokens, req.prompt), len(req.prompt) - 1)
+        else:
+            slot, keep = free[0], 0
+        if keep < len(slot.tokens):
+            if not ll.llama_memory_seq_rm(self._mem, slot.id, keep, -1):
+                ll.llama_memory_seq_rm(self._mem, slot.id, -1, -1)
+                keep = 0
+            del slot.tokens[keep:]
+        req.slot, req.pos, req.cached = slot.id, keep, keep
+        req.admitted_at = time.perf_counter()
+        slot.req = req
+        self._n_prompt_cached += keep
+
+    def _drop_cancelled(self) -> None:
+        for s in self._slots:
+            if s.req is not None and s.req.handle.cancelled:
+                self._finish(s, "cancelled")
+
+    def _step(self) -> None:
+        b = self._batch
+        b.clear()
+        live = [s for s in self._slots if s.req is not None]
+        # Decode tokens first: every generating stream advances every step.
+        for s in live:
+            r = s.req
+            assert r is not None
+            if r.pending_token >= 0:
+                r.out_idx = b.add(r.pending_token, len(s.tokens), s.id, True)
+                s.tokens.append(r.pending_token)
+                r.pending_token = -1
+            else:
+                r.out_idx = -1
+        # Then prompt chunks, oldest request first, in whatever room is left.
+        prefilling = sorted(
+            (s for s in live if s.req and s.req.pos < len(s.req.prompt)),
+            key=lambda s: s.req.admitted_at,
+        )  # type: ignore[union-attr]
+        for s in prefilling:
+            r = s.req
+            assert r is not None
+            if b.free == 0:
+                break
+            chunk = r.prompt[r.pos : r.pos + b.free]
+            done = r.pos + len(chunk) == len(r.prompt)
+            idx = b.add_run(chunk, len(s.tokens), s.id, done)
+            s.tokens.extend(chunk)
+            r.pos += len(chunk)
+            self._n_prompt_computed += len(chunk)
+            if done:
+                r.out_idx = idx
+        if b.n == 0:
+            return
+        rc = ll.llama_decode(self._ctx, b.struct())
+        if rc != 0:
+            self._decode_failed(live, rc)
+            return
+        now = time.perf_counter()
+        for s in live:
+            r = s.req
+            if r is not None and r.out_idx >= 0:
+                self._on_token(s, r, now)
+
+    def _decode_failed(self, live: list[_Slot], rc: int) -> None:
+        why = "the KV cache is full" if rc == 1 else f"llama_decode failed with code {rc}"
+        for s in live:
+            ll.llama_memory_seq_rm(self._mem, s.id, -1, -1)
+            s.tokens.clear()
+            self._finish(s, "error", error=why)
+
+    def _on_token(self, s: _Slot, r: _Request, now: float) -> None:
+        tok = r.sampler.sample(self._ctx, r.out_idx)
+        if not r.generated:
+            r.first_token_at = now
+        r.generated.append(tok)
+        self._n_generated += 1
+        lps = (self._logprobs(r, tok),) if r.params.logprobs else ()
+        if self.model.is_eog(tok) and not r.params.ignore_eos:
+            if lps:
+                r.handle._push(Delta("", (tok,), lps))
+            self._finish(s, "stop")
+            return
+        text = r.matcher.feed(self.model.piece(tok))
+        r.handle._push(Delta(text, (tok,), lps))
+        if r.matcher.stopped:
+            self._finish(s, "stop")
+        elif len(r.generated) >= r.max_new or len(s.tokens) >= self.n_ctx_per_slot:
+            self._finish(s, "length")
+        else:
+            r.pending_token = tok
+
+    def _logprobs(self, r: _Request, tok: int) -> TokenLogprob:
+        """Log-probabilities under the model's raw distribution (before sampling filters)."""
+        ptr = ll.llama_get_logits_ith(self._ctx, r.out_idx)
+        logits = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).astype(np.float64)
+        m = logits.max()
+        lse = m + np.log(np.exp(logits - m).sum())
+        top: tuple[TopLogprob, ...] = ()
+        k = r.params.top_logprobs
+        if k:
+            ids = np.argpartition(-logits, k)[:k]
+            ids = ids[np.argsort(-logits[ids])]
+            top = tuple(
+                TopLogprob(int(i), self.model.detokenize([int(i)]), float(logits[i] - lse))
+                for i in ids
+            )
+        return TokenLogprob(tok, self.model.detokenize([tok]), float(logits[tok] - lse), top)
+
+    def _finish(self, s: _Slot, reason: FinishReason, *, error: str | None = None) -> None:
+        r = s.req
+        assert r is not None
+        s.req = None
+        s.last_used = time.monotonic()
+        self.last_active = s.last_used
+        if r.pending_token >= 0:
+            r.pending_token = -1
+        if reason != "cancelled":
+            rest = r.matcher.flush()
+            if rest:
+                r.handle._push(Delta(rest, ()))
+        r.sampler.close()
+        if not self.config.prefix_cache:
+            ll.llama_memory_seq_rm(self._mem, s.id, -1, -1)
+            s.tokens.clear()
+        now = time.perf_counter()
+        usage = Usage(len(r.prompt), len(r.generated), r.cached)
+        r.handle._push(Finished(reason, usage, _timings(r, now), error))
+
+
+def _no_timings() -> Timings:
+    return Timings(0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+def _timings(r: _Request, now: float) -> Timings:
+    t0 = r.handle.submitted_at
+    admitted = r.admitted_at or now
+    first = r.first_token_at or now
+    computed = len(r.prompt) - r.cached
+    prefill_s = max(first - admitted, 1e-9)
+    decode_s = now - first
+    n_dec = max(len(r.generated) - 1, 0)
+    return Timings(
+        queued_s=admitted - t0,
+        ttft_s=first - t0,
+        total_s=now - t0,
+        prefill_tokens_per_s=computed / prefill_s if r.first_token_at else 0.0,
+        decode_tokens_per_s=n_dec / decode_s if n_dec and decode_s > 0 else 0.0,
+    )
