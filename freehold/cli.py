@@ -263,6 +263,222 @@ def keygen(
 # ---- measure --------------------------------------------------------------------------------
 
 
+def _measure_json(data: object) -> None:
+    import json
+
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+@app.command()
+def bench(
+    engine_model: str = typer.Argument(
+        None, help="Engine micro-benchmark of a vault model (not available yet; use --url)."
+    ),
+    url: str = typer.Option(
+        None, "--url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8080."
+    ),
+    model: str = typer.Option(
+        None, "--model", help="Model name to send (default: the server's first)."
+    ),
+    api_key: str = typer.Option(
+        None, "--api-key", envvar="FREEHOLD_BENCH_API_KEY", help="Bearer key."
+    ),
+    endpoint: str = typer.Option("completions", "--endpoint", help="completions or chat."),
+    concurrency: str = typer.Option(
+        None, "--concurrency", help="Closed-loop sweep, e.g. 1,2,4,8 (with --rate: one cap)."
+    ),
+    rate: str = typer.Option(
+        None, "--rate", help="Open-loop arrivals per second, e.g. 2 or 1,2,inf."
+    ),
+    burstiness: float = typer.Option(1.0, "--burstiness", help="Gamma shape; 1 = Poisson."),
+    input_len: int = typer.Option(128, "--input-len", help="Synthetic prompt length, tokens."),
+    output_len: int = typer.Option(128, "--output-len", help="Tokens to generate per request."),
+    num_prompts: int = typer.Option(32, "--num-prompts", help="Requests per load level."),
+    dataset: Path = typer.Option(
+        None, "--dataset", help='JSONL of {"prompt": ...} or {"messages": ...}.'
+    ),
+    slo: str = typer.Option(
+        None, "--slo", help="Goodput SLOs in ms, e.g. ttft=500,tpot=50,e2e=5000."
+    ),
+    save_raw: Path = typer.Option(None, "--save-raw", help="Write per-request timings (JSONL)."),
+    report: Path = typer.Option(None, "--report", help="Write an HTML report with charts."),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable."),
+    seed: int = typer.Option(0, "--seed", help="Seed for prompts and arrival times."),
+    timeout: float = typer.Option(600.0, "--timeout", help="Seconds per request."),
+    ignore_eos: bool = typer.Option(
+        True, "--ignore-eos/--no-ignore-eos", help="Ask for exactly --output-len tokens."
+    ),
+    calibrate: bool = typer.Option(
+        True, "--calibrate/--no-calibrate", help="Size prompts with the server's token counts."
+    ),
+    record: bool = typer.Option(True, "--record/--no-record", help="Keep throughput for `cost`."),
+) -> None:
+    """Load-test an OpenAI-compatible server: TTFT, TPOT, ITL, E2E, throughput, goodput."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from freehold.errors import InvalidInput
+    from freehold.measure import bench_server, loadgen, metrics, views
+    from freehold.measure import report as reports
+
+    if url is None:
+        raise InvalidInput(
+            "the engine micro-benchmark (`freehold bench MODEL`) is not available yet: "
+            "benchmark a running server with `freehold bench --url URL --model M`"
+        )
+    target = loadgen.Target(url, model or "", endpoint, api_key, timeout, ignore_eos)
+    loadgen.check_target(target)
+    if not model:
+        target = loadgen.Target(
+            url, bench_server.discover_model(target), endpoint, api_key, timeout, ignore_eos
+        )
+    opts = bench_server.BenchOptions(
+        target=target,
+        concurrency=loadgen.parse_int_list(concurrency, "--concurrency") if concurrency else None,
+        rates=bench_server.parse_rates(rate) if rate else None,
+        burstiness=burstiness,
+        input_len=input_len,
+        output_len=output_len,
+        num_prompts=num_prompts,
+        dataset=dataset,
+        slo=metrics.parse_slo(slo),
+        seed=seed,
+        calibrate=calibrate,
+    )
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    ) as progress:
+        current: list = []
+
+        def on_level(label: str, total: int) -> None:
+            current[:] = [progress.add_task(label, total=total)]
+
+        def on_done(_: object) -> None:
+            progress.advance(current[0])
+
+        result = bench_server.run_bench(opts, on_level=on_level, on_done=on_done, record=record)
+    if save_raw:
+        bench_server.save_raw(result, save_raw)
+    if report:
+        reports.write_html(report, reports.bench_html(result.meta, result.summaries))
+    if json_out:
+        _measure_json(result.to_json())
+        return
+    title = f"{target.model} at {target.request_url}"
+    console.print(views.bench_tables(title, result.summaries))
+    rec = result.recorded
+    if rec is not None:
+        pre = f"{rec.prefill_tps:.1f}" if rec.prefill_tps else "-"
+        console.print(
+            f"Recorded for `freehold cost`: decode {rec.decode_tps:.1f} tok/s "
+            f"({rec.detail['decode_from']}), prefill {pre} tok/s ({rec.detail['prefill_from']}).",
+            highlight=False,
+        )
+    for path, what in ((save_raw, "raw timings"), (report, "report")):
+        if path:
+            console.print(f"wrote {what} to {path}", highlight=False)
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument(..., help="Model to score: vault name or .gguf path."),
+    reference: str = typer.Option(None, "--reference", help="Reference model (same vocabulary)."),
+    text: Path = typer.Option(None, "--text", help="UTF-8 text file (default: bundled corpus)."),
+    ctx: int = typer.Option(512, "--ctx", help="Chunk length in tokens."),
+    max_chunks: int = typer.Option(None, "--max-chunks", help="Score at most this many chunks."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads (default: all)."),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable."),
+) -> None:
+    """Perplexity, and KL divergence / top-1 agreement against a reference (llama.cpp method)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from freehold.errors import NotFound
+    from freehold.measure import eval as quality
+    from freehold.measure import views
+
+    model_path = quality.resolve_model(model)
+    ref_path = quality.resolve_model(reference) if reference else None
+    body, name = None, "bundled corpus"
+    if text is not None:
+        if not text.is_file():
+            raise NotFound(f"text file {text} not found")
+        body, name = text.read_text(encoding="utf-8"), str(text)
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("scoring chunks", total=None)
+
+        def on_chunk(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        result = quality.evaluate(
+            model_path,
+            ref_path,
+            body,
+            ctx=ctx,
+            max_chunks=max_chunks,
+            threads=threads,
+            text_name=name,
+            progress=on_chunk,
+        )
+    if json_out:
+        _measure_json(result.to_json())
+        return
+    console.print(views.eval_table(result))
+
+
+@app.command()
+def cost(
+    set_: list[str] = typer.Option(
+        [], "--set", help="Save a cost setting, e.g. --set price_usd=1800 --set utilisation=40%."
+    ),
+    model: str = typer.Option(None, "--model", help="Use throughput measured for this model."),
+    prefill_tps: float = typer.Option(None, "--prefill-tps", help="Assumed prefill tok/s."),
+    decode_tps: float = typer.Option(None, "--decode-tps", help="Assumed decode tok/s."),
+    prices: Path = typer.Option(None, "--prices", help="Your price sheet: CSV or LiteLLM JSON."),
+    only: list[str] = typer.Option([], "--only", help="Only comparators whose name contains this."),
+    report: Path = typer.Option(None, "--report", help="Write an HTML report with charts."),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable."),
+) -> None:
+    """What a token costs on this machine, against frontier and hosted open-weight APIs."""
+    from rich.table import Table
+
+    from freehold.measure import costing, hardware, views
+    from freehold.measure import report as reports
+
+    if set_:
+        profile = hardware.set_profile(set_)
+        table = Table("setting", "value", "origin", "meaning", title="Cost settings saved")
+        for key, value in profile.values.items():
+            table.add_row(key, f"{value:g}", profile.origin[key], hardware.DESCRIPTIONS[key])
+        console.print(table)
+        return
+    rep = costing.build_report(
+        model=model,
+        prefill_tps=prefill_tps,
+        decode_tps=decode_tps,
+        price_file=prices,
+        only=only or None,
+    )
+    if report:
+        reports.write_html(report, reports.cost_html(rep))
+    if json_out:
+        _measure_json(rep.to_json())
+        return
+    console.print(views.cost_tables(rep))
+    if report:
+        console.print(f"wrote report to {report}", highlight=False)
+
+
 # ---- adapt ----------------------------------------------------------------------------------
 
 

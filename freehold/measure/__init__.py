@@ -1,0 +1,9 @@
+"""Measure: the numbers behind owning open weights.
+
+- `bench_server.run_bench` / `loadgen`: load-test any OpenAI-compatible server (vLLM's
+  `bench serve` metrics, closed-loop sweeps and gamma/Poisson arrivals); `metrics` summarises.
+- `eval.evaluate`: perplexity, KL divergence and top-1 agreement against a reference model.
+- `costing.build_report` (on `cost`, `hardware`, `prices`, `measurements`): $ per 1M tokens
+  here against API price sheets.
+- `report`: self-contained HTML reports with embedded charts; `views`: terminal tables.
+"""
