@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from rich import box
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from freehold.measure.costing import CostReport
+from freehold.measure.cost import LocalCost
+from freehold.measure.costing import CostReport, Row
 from freehold.measure.eval import EvalResult
 from freehold.measure.metrics import Summary
 from freehold.measure.report import fmt
@@ -108,43 +110,15 @@ def cost_tables(rep: CostReport) -> Group:
         f"{_money(h.energy)} + ops {_money(h.ops)}.",
         style="bold",
     )
-    table = Table(
-        title=f"Against APIs ({rep.price_sheet}); local at {u} utilisation; savings = % of API "
-        "price, negative = API cheaper",
-        title_justify="left",
-    )
-    for col in (
-        "comparator",
-        "kind",
-        "price date",
-        "API in/out $/1M",
-        f"here in/out $/1M ({u})",
-        "saving in",
-        "saving out",
-        "saving blended",
-        "break-even Mtok/mo",
+    tables = []
+    for kind, heading in (
+        ("frontier closed", "Frontier closed APIs"),
+        ("open-weight", "Hosted open-weight APIs"),
+        ("unknown", "Other APIs"),
     ):
-        table.add_column(
-            col, justify="left" if col in ("comparator", "kind", "price date") else "right"
-        )
-    order = {"frontier closed": 0, "open-weight": 1, "unknown": 2}
-    for r in sorted(rep.rows, key=lambda r: (order[r.price.kind], r.price.name)):
-        c = r.comparison
-        be = c.break_even_mtok_per_month
-        be_text = "never" if be is None else fmt(be, 1)
-        if be is not None and not c.break_even_within_capacity:
-            be_text += " (> capacity)"
-        table.add_row(
-            r.price.name,
-            r.price.kind,
-            r.price.as_of,
-            f"{fmt(r.price.input_per_mtok, 3)} / {fmt(r.price.output_per_mtok, 3)}",
-            f"{fmt(loc.input_per_mtok, 3)} / {fmt(loc.output_per_mtok, 3)}",
-            f"{fmt(c.input_savings_pct, 1)}%",
-            f"{fmt(c.output_savings_pct, 1)}%",
-            f"{fmt(c.blended_savings_pct, 1)}%",
-            be_text,
-        )
+        rows = sorted((r for r in rep.rows if r.price.kind == kind), key=lambda r: r.price.name)
+        if rows:
+            tables.append(_comparator_table(f"{heading} vs here at {u} utilisation", rows, loc))
     cap = rep.rows[0].comparison.capacity_mtok_per_month if rep.rows else 0.0
     foot = Text(
         f"Throughput: {rep.throughput_origin}. Capacity flat out: {fmt(cap, 1)}M blended "
@@ -152,4 +126,36 @@ def cost_tables(rep: CostReport) -> Group:
         "API spend.",
         style="dim",
     )
-    return Group(head, inputs, local, table, foot)
+    return Group(head, inputs, local, *tables, foot)
+
+
+def _short_date(as_of: str) -> str:
+    return as_of.split(" (")[0]
+
+
+def _comparator_table(title: str, rows: list[Row], loc: LocalCost) -> Table:
+    """One row per comparator: its price and date beside the local price, then savings."""
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    t.add_column("comparator (price date)", overflow="fold", min_width=16, ratio=1)
+    for col in ("API $/1M in/out", "here $/1M in/out", "saving in/out/3:1", "break-even Mtok/mo"):
+        t.add_column(col, justify="right", overflow="fold")
+    here = f"{_num(loc.input_per_mtok)}/{_num(loc.output_per_mtok)}"
+    for r in rows:
+        c = r.comparison
+        be = c.break_even_mtok_per_month
+        be_text = "never" if be is None else fmt(be, 1)
+        if be is not None and not c.break_even_within_capacity:
+            be_text += " >capacity"
+        t.add_row(
+            f"{r.price.name} ({_short_date(r.price.as_of)})",
+            f"{_num(r.price.input_per_mtok)}/{_num(r.price.output_per_mtok)}",
+            here,
+            f"{c.input_savings_pct:.0f}/{c.output_savings_pct:.0f}/{c.blended_savings_pct:.0f}%",
+            be_text,
+        )
+    return t
+
+
+def _num(x: float) -> str:
+    """Three significant figures: 0.028, 0.267, 1.5, 30."""
+    return f"{x:.3g}"
