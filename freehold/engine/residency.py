@@ -108,6 +108,11 @@ class ModelPool:
         with self._lock:
             return sum(e.bytes for e in self._entries.values())
 
+    @staticmethod
+    def estimate_bytes(path: Path) -> int:
+        """Memory a model will take before it is loaded: weights plus KV and compute headroom."""
+        return int(path.stat().st_size * 1.3) + (64 << 20)
+
     def unload(self, ref: str) -> bool:
         with self._lock:
             e = self._entries.pop(ref, None)
@@ -132,8 +137,7 @@ class ModelPool:
 
     def _load(self, ref: str, path: Path, config: EngineConfig | None) -> Engine:
         try:
-            estimate = int(path.stat().st_size * 1.3) + (64 << 20)
-            self._make_room(estimate, ref)
+            self._make_room(self.estimate_bytes(path), ref)
             engine = Engine(path, config, name=ref)
             actual = engine.model.info().size_bytes + (
                 engine.model.kv_bytes_per_token() * engine.n_ctx_per_slot * engine.n_slots
@@ -150,11 +154,12 @@ class ModelPool:
             while self.used_bytes() + need > self.budget_bytes:
                 idle = [e for e in self._entries.values() if not e.engine.busy]
                 if not idle:
+                    busy = "; the loaded models are busy, retry later" if self._entries else ""
                     raise InsufficientMemory(
                         f"loading {ref} needs about {need >> 20} MiB but only "
                         f"{(self.budget_bytes - self.used_bytes()) >> 20} MiB of the "
-                        f"{self.budget_bytes >> 20} MiB budget is free and every loaded model is "
-                        "busy; retry later or raise the budget"
+                        f"{self.budget_bytes >> 20} MiB budget is free{busy}; "
+                        "raise the memory budget or use a smaller model"
                     )
                 victim = min(idle, key=_Entry.idle_since)
                 self._entries.pop(victim.ref)

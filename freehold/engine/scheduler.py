@@ -209,6 +209,7 @@ class Engine:
         handle = RequestHandle(next(_ids))
         handle._wake = self._wake
         sampler = Sampler(self.model, params, params.resolved_seed())
+        handle.seed = sampler.seed
         req = _Request(handle, tokens, params, sampler, StopMatcher(params.stop), max_new)
         with self._lock:
             if len(self._pending) >= self.config.max_queue:

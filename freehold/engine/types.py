@@ -128,6 +128,7 @@ class RequestHandle:
         self._cancel = threading.Event()
         self._finished: Finished | None = None
         self._wake: threading.Event | None = None  # set by the engine so cancel() wakes it
+        self.seed: int | None = None  # the sampling seed actually used
 
     # -- scheduler side ------------------------------------------------------------------------
 
