@@ -257,6 +257,143 @@ def keygen(
 # ---- run: the engine ------------------------------------------------------------------------
 
 
+def _run_sampling(
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    min_p: float,
+    seed: int | None,
+    max_tokens: int,
+    stop: list[str] | None,
+):  # noqa: ANN202 - engine types imported lazily
+    from freehold.engine import SamplingParams
+
+    return SamplingParams(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        seed=seed,
+        max_tokens=max_tokens,
+        stop=list(stop or []),
+    ).validate()
+
+
+def _run_stream(handle) -> tuple[str, object]:  # noqa: ANN001 - engine types imported lazily
+    """Print a request's text as it arrives; Ctrl-C cancels it. Returns (text, Finished)."""
+    from freehold.engine import Delta
+
+    parts: list[str] = []
+    try:
+        for ev in handle:
+            if isinstance(ev, Delta):
+                parts.append(ev.text)
+                console.out(ev.text, end="", highlight=False)
+                console.file.flush()
+            else:
+                console.out("")
+                return "".join(parts), ev
+    except KeyboardInterrupt:
+        handle.cancel()
+        console.out("")
+        raise
+    raise RuntimeError("stream ended early")  # pragma: no cover
+
+
+_RUN_MODEL = typer.Argument(..., help="Vault name or path to a .gguf file.")
+_RUN_TEMP = typer.Option(0.8, "--temperature", help="0 = greedy.")
+_RUN_TOP_P = typer.Option(0.95, "--top-p")
+_RUN_TOP_K = typer.Option(40, "--top-k", help="0 disables.")
+_RUN_MIN_P = typer.Option(0.05, "--min-p")
+_RUN_SEED = typer.Option(None, "--seed", help="Fixed seed: the same prompt gives the same output.")
+_RUN_STOP = typer.Option(None, "--stop", help="Stop string (repeatable); never printed.")
+_RUN_CTX = typer.Option(4096, "--ctx", help="Context size in tokens.")
+_RUN_THREADS = typer.Option(None, "--threads", help="Default: physical cores.")
+
+
+@app.command()
+def run(
+    model: str = _RUN_MODEL,
+    prompt: str = typer.Argument(None, help="The prompt; read from stdin when omitted."),
+    system: str = typer.Option(None, "--system", help="System message."),
+    raw: bool = typer.Option(False, "--raw", help="Plain completion: no chat template."),
+    temperature: float = _RUN_TEMP,
+    top_p: float = _RUN_TOP_P,
+    top_k: int = _RUN_TOP_K,
+    min_p: float = _RUN_MIN_P,
+    seed: int = _RUN_SEED,
+    max_tokens: int = typer.Option(512, "--max-tokens"),
+    stop: list[str] = _RUN_STOP,
+    json_out: bool = typer.Option(False, "--json", help="Structured result with usage, timings."),
+    ctx: int = _RUN_CTX,
+    threads: int = _RUN_THREADS,
+) -> None:
+    """Generate a reply to one prompt, streamed to stdout."""
+    import json
+
+    from freehold.engine.session import completion_json, open_engine, submit_prompt
+
+    if prompt is None:
+        prompt = sys.stdin.read()
+    params = _run_sampling(temperature, top_p, top_k, min_p, seed, max_tokens, stop)
+    with open_engine(model, n_ctx=ctx, n_threads=threads) as engine:
+        handle = submit_prompt(engine, prompt, params, system=system, raw=raw)
+        if json_out:
+            result = handle.result()
+            console.out(json.dumps(completion_json(model, result, handle.seed), indent=2))
+            return
+        _run_stream(handle)
+
+
+@app.command()
+def chat(
+    model: str = _RUN_MODEL,
+    system: str = typer.Option(None, "--system", help="System message."),
+    temperature: float = _RUN_TEMP,
+    top_p: float = _RUN_TOP_P,
+    top_k: int = _RUN_TOP_K,
+    min_p: float = _RUN_MIN_P,
+    seed: int = _RUN_SEED,
+    max_tokens: int = typer.Option(1024, "--max-tokens", help="Per reply."),
+    stop: list[str] = _RUN_STOP,
+    ctx: int = _RUN_CTX,
+    threads: int = _RUN_THREADS,
+) -> None:
+    """Interactive streaming chat. /reset forgets the conversation, /exit leaves."""
+    from freehold.engine.session import ChatSession, open_engine
+
+    params = _run_sampling(temperature, top_p, top_k, min_p, seed, max_tokens, stop)
+    with open_engine(model, n_ctx=ctx, n_threads=threads) as engine:
+        session = ChatSession(engine, params, system=system)
+        err_console.print(f"[dim]chatting with {model}; /reset to start over, /exit to leave[/]")
+        while True:
+            try:
+                line = console.input("[bold cyan]> [/]")
+            except (EOFError, KeyboardInterrupt):
+                break
+            text = line.strip()
+            if text in ("/exit", "/quit", "/bye"):
+                break
+            if text == "/reset":
+                session.reset()
+                err_console.print("[dim]conversation cleared[/]")
+                continue
+            if not text:
+                continue
+            try:
+                reply, done = _run_stream(session.send(text))
+            except KeyboardInterrupt:
+                session.rollback()
+                continue
+            if done.finish_reason == "error":
+                session.rollback()
+                err_console.print(f"[red]error:[/] {done.error}")
+                continue
+            session.commit(reply)
+            if done.finish_reason == "length":
+                err_console.print("[dim](reply cut at --max-tokens or the context end)[/]")
+
+
 # ---- serve ----------------------------------------------------------------------------------
 
 
