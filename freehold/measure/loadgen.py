@@ -412,7 +412,7 @@ def throughput_for_cost(levels: list[Level]) -> tuple[float | None, float, dict[
     if not ok:
         raise InvalidInput("no request succeeded, so there is no throughput to record")
     best = max(ok, key=lambda lv: lv.summary.output_throughput)
-    light = min(ok, key=lambda lv: lv.summary.concurrency or math.inf)
+    light = min(ok, key=lambda lv: (lv.summary.concurrency or math.inf, lv.summary.rate or 0.0))
     good = [r for r in light.records if r.success and r.ttft]
     ttft_total = sum(r.ttft or 0.0 for r in good)
     prefill = sum(r.prompt_tokens for r in good) / ttft_total if ttft_total > 0 else None

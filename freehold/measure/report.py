@@ -197,41 +197,55 @@ def bench_html(meta: dict[str, Any], levels: Sequence[Summary]) -> str:
 # ---- cost -----------------------------------------------------------------------------------
 
 
+def _label(name: str, as_of: str = "", width: int = 40) -> str:
+    short = name if len(name) <= width else name[: width - 1] + "…"
+    return f"{short} ({as_of.split(' (')[0]})" if as_of else short
+
+
 def _cost_chart(report: CostReport) -> Any:
     rows = sorted(report.rows, key=lambda r: r.comparison.api_blended_per_mtok)
-    names = [f"{r.price.name} ({r.price.as_of})" for r in rows] + ["this machine"]
+    names = [_label(r.price.name, r.price.as_of) for r in rows] + ["this machine"]
     values = [r.comparison.api_blended_per_mtok for r in rows] + [report.local.blended_per_mtok]
     colours = ["#4a7" if r.price.open_weights else "#c55" for r in rows] + ["#247"]
-    fig = _figure(9.0, 0.35 * len(names) + 1.5)
+    fig = _figure(10.0, 0.3 * len(names) + 1.8)
     ax = fig.subplots()
     ax.barh(range(len(names)), values, color=colours)
+    for y, v in enumerate(values):
+        ax.annotate(
+            f"${v:.3g}", (v, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7
+        )
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("USD per 1M tokens, blended 3:1 input:output (log scale)")
     ax.set_title(
-        f"$ per 1M tokens: this machine at {report.utilisation:.0%} utilisation vs APIs "
-        "(red: closed, green: open-weight)",
+        f"$ per 1M tokens: this machine at {report.utilisation:.0%} utilisation vs APIs\n"
+        "red: frontier closed, green: hosted open-weight; price dates in brackets",
         fontsize=10,
     )
+    ax.margins(x=0.15)
     ax.grid(axis="x", alpha=0.3)
     return fig
 
 
 def _direction_chart(report: CostReport) -> Any:
-    rows = report.rows
-    names = [r.price.name for r in rows] + ["this machine"]
+    rows = sorted(report.rows, key=lambda r: r.price.output_per_mtok)
+    names = [_label(r.price.name) for r in rows] + ["this machine"]
     ins = [r.price.input_per_mtok for r in rows] + [report.local.input_per_mtok]
     outs = [r.price.output_per_mtok for r in rows] + [report.local.output_per_mtok]
-    fig = _figure(9.0, 0.4 * len(names) + 1.5)
+    fig = _figure(10.0, 0.35 * len(names) + 1.8)
     ax = fig.subplots()
     ys = list(range(len(names)))
-    ax.barh([y - 0.2 for y in ys], ins, height=0.4, label="input")
-    ax.barh([y + 0.2 for y in ys], outs, height=0.4, label="output")
+    ax.barh([y - 0.2 for y in ys], ins, height=0.4, label="input (prefill)")
+    ax.barh([y + 0.2 for y in ys], outs, height=0.4, label="output (decode)")
     ax.set_yticks(ys, names, fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("USD per 1M tokens (log scale)")
-    ax.set_title("Input and output prices per comparator", fontsize=10)
-    ax.legend()
+    ax.set_title(
+        f"Input and output $ per 1M tokens; this machine at {report.utilisation:.0%} utilisation",
+        fontsize=10,
+    )
+    ax.legend(fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
     return fig
 
 

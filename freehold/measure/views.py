@@ -18,17 +18,9 @@ from freehold.measure.report import fmt
 
 def bench_tables(title: str, levels: Sequence[Summary]) -> Group:
     summary = Table(title=title, title_justify="left")
-    for col in (
-        "load",
-        "done",
-        "failed",
-        "duration s",
-        "req/s",
-        "out tok/s",
-        "total tok/s",
-        "goodput req/s",
-    ):
-        summary.add_column(col, justify="right" if col != "load" else "left")
+    summary.add_column("load", no_wrap=True)
+    for col in ("done", "failed", "secs", "req/s", "out tok/s", "all tok/s", "goodput req/s"):
+        summary.add_column(col, justify="right")
     for s in levels:
         summary.add_row(
             s.label,
