@@ -167,8 +167,9 @@ def test_profile_set_is_saved_atomically_and_keeps_other_settings(home: Path) ->
     assert saved["hardware"]["pue"] == 1.1
     assert [f.name for f in p.home.iterdir()] == ["settings.json"]  # no temp file left
     assert not hardware.load_profile().rented
-    rented = hardware.set_profile(["rent_usd_per_hour=2.5"])
+    rented = hardware.set_profile(["rent_usd_per_hour=2.5 ops_usd_per_hour=0.5"])
     assert rented.rented and rented.cost_inputs().rent_usd_per_hour == 2.5
+    assert rented.values["ops_usd_per_hour"] == 0.5
     assert not hardware.set_profile(["rent_usd_per_hour="]).rented  # `key=` forgets
     for bad, match in (
         ("utilisation=0", "utilisation"),
@@ -206,6 +207,9 @@ def test_report_labels_measured_and_assumed(home: Path) -> None:
     assert rep.local.output_per_mtok == pytest.approx(
         cost.local_cost(hardware.load_profile().cost_inputs(), 400.0, 25.0).output_per_mtok
     )
+    hardware.set_profile(["rent_usd_per_hour=0.9"])
+    rented = {i.name: i.origin for i in costing.build_report().inputs}
+    assert "price_usd" not in rented and rented["watts_load"].startswith("not used")
 
 
 def test_cost_without_throughput_says_what_to_do(home: Path) -> None:

@@ -114,9 +114,14 @@ def _inputs(profile: Profile, machine: Machine) -> list[Labelled]:
         Labelled("ram", round(machine.ram_gib, 1), "GiB", "detected"),
         Labelled("gpu", ", ".join(machine.gpus) or "none", "", "detected"),
     ]
+    power = {"watts_load", "watts_idle", "usd_per_kwh", "pue"}
     for key, value in profile.values.items():
-        if key not in skip:
-            out.append(Labelled(key, value, units[key], profile.origin[key]))
+        if key in skip:
+            continue
+        origin = profile.origin[key]
+        if profile.rented and key in power:
+            origin = "not used: power is assumed to be in the rent"
+        out.append(Labelled(key, value, units[key], origin))
     return out
 
 

@@ -202,7 +202,8 @@ def set_profile(assignments: list[str], p: Paths | None = None) -> Profile:
     """Apply `key=value` assignments (`key=` forgets a value) and save them atomically."""
     p = p or paths()
     changes: dict[str, float | None] = {}
-    for item in assignments:
+    # `--set "a=1 b=2"` and repeated `--set a=1 --set b=2` both work.
+    for item in (part for a in assignments for part in a.split()):
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep:

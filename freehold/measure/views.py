@@ -118,7 +118,10 @@ def cost_tables(rep: CostReport) -> Group:
         "API spend.",
         style="dim",
     )
-    return Group(head, inputs, local, *tables, foot)
+    parts = [head, inputs, local, *tables, foot]
+    if len(rep.rows) > 40:
+        parts.append(Text(f"{len(rep.rows)} comparators: narrow them with --only NAME."))
+    return Group(*parts)
 
 
 def _short_date(as_of: str) -> str:
