@@ -213,6 +213,35 @@ def test_cancel_frees_the_slot_within_a_step(smollm2_path: Path) -> None:
         assert eng.stats().running == 0
 
 
+def test_long_prefill_is_chunked_between_decode_steps(smollm2_path: Path) -> None:
+    cfg = EngineConfig(n_slots=2, n_ctx_per_slot=512, n_batch=64, n_threads=THREADS)
+    with Engine(smollm2_path, cfg) as eng:
+        sp = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+        stream = eng.submit("Tell me a story.", sp)
+        stamps: list[float] = []
+        decoding = threading.Event()
+
+        def consume() -> None:
+            for _ev in stream.events(timeout=T):
+                stamps.append(time.perf_counter())
+                if len(stamps) == 3:
+                    decoding.set()
+
+        reader = threading.Thread(target=consume)
+        reader.start()
+        assert decoding.wait(T)
+        long_prompt = "alpha beta gamma delta " * 100  # ~400 tokens: 7+ chunks of 64
+        t0 = time.perf_counter()
+        r = eng.submit(long_prompt, SamplingParams(temperature=0.0, max_tokens=1)).result(T)
+        t1 = t0 + r.timings.ttft_s
+        stream.cancel()
+        reader.join(T)
+        during = [s for s in stamps if t0 < s < t1]
+        # The stream gets a token with every prefill chunk: it never waits for the whole prompt.
+        assert r.usage.prompt_tokens > 6 * 64
+        assert len(during) >= 5, len(during)
+
+
 def test_queue_full_is_raised_at_once(smollm2_path: Path) -> None:
     cfg = EngineConfig(n_slots=1, n_ctx_per_slot=256, max_queue=2, n_threads=THREADS)
     with Engine(smollm2_path, cfg) as eng:
@@ -254,6 +283,34 @@ def test_prefix_cache_reuses_a_long_system_prompt(engine: Engine) -> None:
     assert second.usage.cached_tokens < second.usage.prompt_tokens
     # Reusing the cache does not change the answer.
     assert engine.chat(msgs2, GREEDY).result(T).text == second.text
+
+
+def test_prefix_is_borrowed_from_a_busy_slot(engine: Engine) -> None:
+    system = "You answer in French. " + " ".join(f"Fact {i}: water is wet." for i in range(40))
+    ask = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": "Why is the sky blue?"},
+    ]
+    expected = None
+    long = engine.chat(
+        [{"role": "system", "content": system}, {"role": "user", "content": "Tell a long tale."}],
+        SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True),
+    )
+    try:
+        next(ev for ev in long.events(timeout=T) if isinstance(ev, Delta))  # it is decoding
+        # Every other slot is free but holds some other prompt: the prefix must come by copy.
+        r = engine.chat(ask, GREEDY).result(T)
+        assert r.usage.cached_tokens > 200
+    finally:
+        long.cancel()
+        long.result(T)
+    # The copied KV gives exactly the answer a cold computation gives.
+    with Engine(
+        engine.model, EngineConfig(n_slots=1, n_ctx_per_slot=512, n_threads=THREADS)
+    ) as cold:
+        expected = cold.chat(ask, GREEDY).result(T)
+    assert expected.usage.cached_tokens == 0
+    assert r.text == expected.text
 
 
 def test_chat_uses_the_models_template(engine: Engine) -> None:

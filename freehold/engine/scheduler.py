@@ -47,6 +47,8 @@ from freehold.errors import InvalidInput
 log = logging.getLogger(__name__)
 
 _ids = itertools.count(1)
+# Copying another slot's KV costs a whole-stream buffer copy; only worth it for a real prefix.
+_MIN_BORROW = 64
 
 
 @dataclass
@@ -405,7 +407,9 @@ class Engine:
         """Put `req` in the free slot sharing the longest prefix; keep that prefix's KV."""
         if self.config.prefix_cache:
             slot = max(free, key=lambda s: (_common_prefix(s.tokens, req.prompt), -s.last_used))
-            keep = min(_common_prefix(slot.tokens, req.prompt), len(req.prompt) - 1)
+            keep = _common_prefix(slot.tokens, req.prompt)
+            keep = self._borrow_prefix(slot, req.prompt, keep)
+            keep = min(keep, len(req.prompt) - 1)
         else:
             slot, keep = free[0], 0
         if keep < len(slot.tokens):
@@ -417,6 +421,25 @@ class Engine:
         req.admitted_at = time.perf_counter()
         slot.req = req
         self._n_prompt_cached += keep
+
+    def _borrow_prefix(self, slot: _Slot, prompt: list[int], keep: int) -> int:
+        """Copy another slot's KV (even a busy one) when it holds a much longer prefix.
+
+        Each slot is its own KV stream, so this is a buffer copy of that stream: milliseconds,
+        against recomputing hundreds of prompt tokens. Returns the prefix length now in `slot`.
+        """
+        best, best_len = None, keep
+        for s in self._slots:
+            if s is not slot:
+                n = _common_prefix(s.tokens, prompt)
+                if n > best_len:
+                    best, best_len = s, n
+        if best is None or best_len < keep + _MIN_BORROW:
+            return keep
+        ll.llama_memory_seq_rm(self._mem, slot.id, -1, -1)
+        ll.llama_memory_seq_cp(self._mem, best.id, slot.id, -1, -1)
+        slot.tokens = list(best.tokens)
+        return best_len
 
     def _drop_cancelled(self) -> None:
         for s in self._slots:
