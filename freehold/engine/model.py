@@ -107,6 +107,7 @@ class Model:
         self.eos_id: int = ll.llama_vocab_eos(self.vocab)
         self._piece_cache: dict[int, bytes] = {}
         self._eog_cache: dict[int, bool] = {}
+        self._eog_list: list[int] | None = None
 
     # -- lifetime ------------------------------------------------------------------------------
 
@@ -224,6 +225,14 @@ class Model:
             v = bool(ll.llama_vocab_is_eog(self.vocab, token))
             self._eog_cache[token] = v
         return v
+
+    def eog_tokens(self) -> list[int]:
+        """Every end-of-generation token id (EOS, EOT, <|im_end|>, ...), computed once."""
+        if self._eog_list is None:
+            self._eog_list = [
+                t for t in range(self.n_vocab) if ll.llama_vocab_is_eog(self.vocab, t)
+            ]
+        return self._eog_list
 
     def token_text(self, token: int) -> str:
         """The vocabulary text of a token, special tokens included (for templates)."""

@@ -118,9 +118,8 @@ def _links(model: Model, p: SamplingParams, seed: int) -> list[ll.llama_sampler_
     links: list[ll.llama_sampler_p] = []
     bias = dict(p.logit_bias)
     if p.ignore_eos:
-        for t in range(model.n_vocab):
-            if model.is_eog(t):
-                bias[t] = -math.inf
+        for t in model.eog_tokens():
+            bias[t] = -math.inf
     if bias:
         for tok in bias:
             if not 0 <= int(tok) < model.n_vocab:

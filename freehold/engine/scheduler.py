@@ -322,7 +322,9 @@ class Engine:
         self._closed = True
         self._wake.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=300)
+            if self._thread.is_alive():  # stuck in llama.cpp: leak the context, never free it
+                return  # under a running decode
         with self._embed_lock:
             if self._embedder is not None:
                 self._embedder.close()
