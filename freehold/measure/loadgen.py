@@ -188,12 +188,13 @@ def _payload(target: Target, prompt: Prompt) -> dict[str, Any]:
 
 
 def _is_token_chunk(choice: dict[str, Any], chat: bool) -> bool:
-    """A chunk with choices counts (as in vLLM), except a chat chunk that only names the role."""
+    """A chunk with choices counts, as in vLLM; for chat, not the opening chunk that only
+    names the role (OpenAI sends it with `"content": ""`, some servers before any token)."""
     if not chat:
         return True
     delta = choice.get("delta") or {}
-    has_content = any(k in delta for k in ("content", "reasoning_content", "tool_calls"))
-    return has_content or choice.get("finish_reason") is not None
+    has_content = bool(delta.get("content") or delta.get("reasoning_content"))
+    return has_content or bool(delta.get("tool_calls")) or choice.get("finish_reason") is not None
 
 
 async def send_request(
