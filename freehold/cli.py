@@ -397,6 +397,144 @@ def chat(
 # ---- serve ----------------------------------------------------------------------------------
 
 
+@app.command()
+def serve(
+    model: list[str] = typer.Option(
+        [], "--model", "-m", help="Vault name or .gguf to serve (repeat); default: the vault's."
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8642, "--port", help="Port to listen on."),
+    slots: int = typer.Option(None, "--slots", help="Requests generated at once per model."),
+    max_queue: int = typer.Option(32, "--max-queue", help="Requests waiting per model; then 429."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads (default: physical cores)."),
+    ctx: int = typer.Option(None, "--ctx", help="Context tokens per slot (default: up to 4096)."),
+    tls_cert: Path = typer.Option(None, "--tls-cert", help="PEM certificate: serve HTTPS."),
+    tls_key: Path = typer.Option(None, "--tls-key", help="PEM private key for --tls-cert."),
+    insecure_no_auth: bool = typer.Option(
+        False, "--insecure-no-auth", help="Allow a non-loopback --host with no API keys."
+    ),
+    log_content: bool = typer.Option(
+        False, "--log-content", help="Write prompt and completion text to the audit log."
+    ),
+    drain_timeout: float = typer.Option(
+        60.0, "--drain-timeout", help="Seconds to let in-flight requests finish on SIGTERM."
+    ),
+) -> None:
+    """Serve models over an OpenAI-compatible HTTP API (chat, completions, embeddings)."""
+    from freehold.server.lifecycle import serve as run_server
+    from freehold.server.settings import ServerSettings
+
+    settings = ServerSettings(
+        host=host,
+        port=port,
+        models=list(model),
+        slots=slots,
+        max_queue=max_queue,
+        threads=threads,
+        ctx=ctx,
+        insecure_no_auth=insecure_no_auth,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        log_content=log_content,
+        drain_timeout_s=drain_timeout,
+    )
+    run_server(settings, lambda text: console.print(text, highlight=False, markup=False))
+
+
+keys_app = typer.Typer(help="API keys for `freehold serve`.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def keys_create(
+    name: str = typer.Option(..., "--name", help="A name for the key (shown in usage)."),
+    models: str = typer.Option(None, "--models", help="Only these models, e.g. a,b."),
+    rpm: int = typer.Option(None, "--rpm", help="Requests per minute at most."),
+    tpm: int = typer.Option(None, "--tpm", help="Tokens per minute at most."),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable."),
+) -> None:
+    """Create a key; its secret is printed once and only its hash is kept."""
+    from freehold.config import paths
+    from freehold.server.auth import KeyStore
+
+    with KeyStore(paths().keys) as store:
+        key, secret = store.create(
+            name, models=models.split(",") if models else None, rpm=rpm, tpm=tpm
+        )
+    if json_out:
+        _print_json({**key.to_dict(), "secret": secret})
+        return
+    console.print(f"created key {key.name}; its secret (shown only now):", highlight=False)
+    console.print(secret, highlight=False, markup=False)
+
+
+@keys_app.command("list")
+def keys_list(json_out: bool = typer.Option(False, "--json", help="Machine-readable.")) -> None:
+    """List keys (names, limits, models; never secrets)."""
+    from rich.table import Table
+
+    from freehold.config import paths
+    from freehold.server.auth import KeyStore
+
+    with KeyStore(paths().keys) as store:
+        keys = store.list()
+    if json_out:
+        _print_json([k.to_dict() for k in keys])
+        return
+    table = Table("NAME", "KEY", "MODELS", "RPM", "TPM", "CREATED")
+    for k in keys:
+        d = k.to_dict()
+        table.add_row(
+            k.name,
+            str(d["hint"]),
+            ",".join(k.models) if k.models else "all",
+            str(k.rpm or "-"),
+            str(k.tpm or "-"),
+            k.created_at,
+        )
+    console.print(table if keys else "No keys: the server is open on loopback only.")
+
+
+@keys_app.command("revoke")
+def keys_revoke(name: str = typer.Argument(..., help="The key's name.")) -> None:
+    """Revoke a key; a running server refuses it from the next request."""
+    from freehold.config import paths
+    from freehold.server.auth import KeyStore
+
+    with KeyStore(paths().keys) as store:
+        store.revoke(name)
+    console.print(f"revoked {name}", highlight=False)
+
+
+@app.command()
+def usage(
+    by: str = typer.Option("key", "--by", help="Group by key, model or day."),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable."),
+) -> None:
+    """Summarise the server's usage ledger: requests and tokens per key, model or day."""
+    from rich.table import Table
+
+    from freehold.config import paths
+    from freehold.server.ledger import summarize
+
+    rows = summarize(paths().ledger, by)
+    if json_out:
+        _print_json(rows)
+        return
+    table = Table(by.upper(), "REQUESTS", "FAILED", "PROMPT", "CACHED", "COMPLETION", "AVG TTFT ms")
+    for r in rows:
+        table.add_row(
+            str(r[by]),
+            str(r["requests"]),
+            str(r["failed"]),
+            str(r["prompt_tokens"]),
+            str(r["cached_tokens"]),
+            str(r["completion_tokens"]),
+            "-" if r["avg_ttft_ms"] is None else f"{r['avg_ttft_ms']:.0f}",
+        )
+    console.print(table if rows else "No requests recorded yet.")
+
+
 # ---- measure --------------------------------------------------------------------------------
 
 

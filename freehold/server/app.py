@@ -1,0 +1,72 @@
+"""The app factory: `create_app(settings, pool)` wires stores, routes, errors and middleware.
+
+The app's lifespan starts loading the models (the server answers 503 for a model until it is
+loaded) and, on shutdown, flushes the ledger and audit log and unloads the models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from freehold.engine import ModelPool
+from freehold.server import errors
+from freehold.server.audit import AuditLog
+from freehold.server.auth import KeyStore, RateLimiter
+from freehold.server.ledger import Ledger
+from freehold.server.metrics import Metrics
+from freehold.server.middleware import RequestIdAndLimits
+from freehold.server.registry import ModelRegistry
+from freehold.server.routes import chat, completions, embeddings, models, ops
+from freehold.server.services import Services
+from freehold.server.settings import ServerSettings
+
+
+def build_services(settings: ServerSettings, pool: ModelPool) -> Services:
+    home = settings.home
+    home.home.mkdir(parents=True, exist_ok=True)
+    registry_ref: list[ModelRegistry] = []
+    metrics = Metrics(lambda: registry_ref[0].stats() if registry_ref else [])
+    registry = ModelRegistry(pool, list(settings.models), settings.max_queue, metrics)
+    registry_ref.append(registry)
+    return Services(
+        settings=settings,
+        registry=registry,
+        keys=KeyStore(home.keys),
+        limiter=RateLimiter(),
+        ledger=Ledger(home.ledger),
+        audit=AuditLog(home.audit_log, log_content=settings.log_content),
+        metrics=metrics,
+    )
+
+
+def create_app(settings: ServerSettings, pool: ModelPool, *, close_pool: bool = True) -> FastAPI:
+    """An ASGI app serving `settings.models` from `pool` (which resolves and loads them)."""
+    services = build_services(settings, pool)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services.registry.start_loading(settings.eager)
+        try:
+            yield
+        finally:
+            services.draining = True
+            services.ledger.close()
+            services.audit.close()
+            services.keys.close()
+            if close_pool:
+                pool.close()
+
+    # No /docs or /openapi.json: the docs pages pull scripts from a CDN, and nothing here
+    # should make a browser or the server reach beyond this machine.
+    app = FastAPI(
+        title="Freehold", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
+    app.state.services = services
+    errors.install(app)
+    for module in (chat, completions, embeddings, models, ops):
+        app.include_router(module.router)
+    app.add_middleware(RequestIdAndLimits, max_body_bytes=settings.max_body_bytes)
+    return app

