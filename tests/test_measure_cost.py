@@ -171,6 +171,9 @@ def test_profile_set_is_saved_atomically_and_keeps_other_settings(home: Path) ->
     assert rented.rented and rented.cost_inputs().rent_usd_per_hour == 2.5
     assert rented.values["ops_usd_per_hour"] == 0.5
     assert not hardware.set_profile(["rent_usd_per_hour="]).rented  # `key=` forgets
+    p.settings.write_text(json.dumps({"hardware": {"pue": "cold"}}))
+    with pytest.raises(InvalidInput, match="hardware.pue"):
+        hardware.load_profile()
     for bad, match in (
         ("utilisation=0", "utilisation"),
         ("pue=0.5", "PUE"),

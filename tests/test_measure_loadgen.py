@@ -281,7 +281,7 @@ def test_stream_without_usage_fails_clearly(tmp_path: Path) -> None:
         assert level.summary.completed == 0 and level.summary.failed == 2
         assert "include_usage" in (level.summary.first_error or "")
         opts = bench_server.BenchOptions(
-            Target(s.url, "m"), num_prompts=2, output_len=2, calibrate=False
+            Target(s.url, "m"), num_prompts=1, output_len=2, calibrate=False
         )
         with pytest.raises(InvalidInput, match="no request"):
             bench_server.run_bench(opts, record=False)

@@ -13,13 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import httpx
 
 from freehold.config import Paths
 from freehold.errors import InvalidInput
 from freehold.measure import loadgen, measurements
-from freehold.measure.loadgen import Level, OnDone, Prompt, Target
+from freehold.measure.loadgen import LOOPBACK, Level, OnDone, Prompt, Target
 from freehold.measure.metrics import Summary
 
 
@@ -73,8 +74,9 @@ def parse_rates(text: str) -> list[float]:
 def discover_model(target: Target) -> str:
     """The first model the server lists at /v1/models, for when --model is not given."""
     url = target.request_url.rsplit("/v1/", 1)[0] + "/v1/models"
+    host = urlparse(url).hostname or ""
     try:
-        r = httpx.get(url, headers=target.headers(), timeout=10.0)
+        r = httpx.get(url, headers=target.headers(), timeout=10.0, trust_env=host not in LOOPBACK)
         r.raise_for_status()
         return str(r.json()["data"][0]["id"])
     except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError):

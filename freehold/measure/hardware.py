@@ -169,7 +169,13 @@ def load_profile(p: Paths | None = None) -> Profile:
     origin: dict[str, str] = {}
     for key in KEYS:
         if key in saved:
-            values[key], origin[key] = float(saved[key]), "set"
+            try:
+                values[key], origin[key] = float(saved[key]), "set"
+            except (TypeError, ValueError):
+                raise InvalidInput(
+                    f"{p.settings}: hardware.{key} = {saved[key]!r} is not a number: "
+                    f"fix it with `freehold cost --set {key}=VALUE`"
+                ) from None
         elif key in DEFAULTS:
             values[key], origin[key] = DEFAULTS[key], "default (assumed)"
     return Profile(values, origin)
