@@ -60,10 +60,10 @@ class EngineConfig:
     n_threads: int | None = None  # default: physical cores
     n_batch: int = 512  # tokens per decode step (decode tokens + prefill chunk)
     max_queue: int = 64  # requests waiting for a slot before QueueFull
-    flash_attn: bool = False
-    kv_unified: bool = (
-        False  # per-slot KV streams: batch-invariant, so batching never changes output
-    )
+    # Flash attention computes each query row alone, so a sequence's numbers do not depend on
+    # what else is in the batch (greedy output is batch-invariant); it is also faster here.
+    flash_attn: bool = True
+    kv_unified: bool = False  # one KV stream per slot: also needed for batch-invariant output
     prefix_cache: bool = True
     ram_fraction: float = 0.25  # share of free RAM the KV cache may take when sizing slots
 
