@@ -671,7 +671,6 @@ def eval_(
     """Perplexity, and KL divergence / top-1 agreement against a reference (llama.cpp method)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from freehold.errors import NotFound
     from freehold.measure import eval as quality
     from freehold.measure import views
 
@@ -679,9 +678,7 @@ def eval_(
     ref_path = quality.resolve_model(reference) if reference else None
     body, name = None, "bundled corpus"
     if text is not None:
-        if not text.is_file():
-            raise NotFound(f"text file {text} not found")
-        body, name = text.read_text(encoding="utf-8"), str(text)
+        body, name = quality.load_text(text), str(text)
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),

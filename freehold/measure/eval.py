@@ -59,6 +59,16 @@ def default_text() -> str:
     return files("freehold.measure").joinpath("data", "corpus.txt").read_text(encoding="utf-8")
 
 
+def load_text(path: Path) -> str:
+    """A user's evaluation text, as UTF-8."""
+    if not path.is_file():
+        raise NotFound(f"text file {path} not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput(f"{path} is not UTF-8 text: convert it or pick another file") from None
+
+
 def resolve_model(ref: str) -> Path:
     """A vault name or a .gguf path to the file to load."""
     try:

@@ -226,6 +226,9 @@ async def send_request(
                     break
                 now = time.perf_counter()
                 chunk = json.loads(data)
+                if not isinstance(chunk, dict):
+                    rec.error = "the stream carried a chunk that is not a JSON object"
+                    return rec
                 if isinstance(chunk.get("error"), dict | str):
                     rec.error = f"server error: {str(chunk['error'])[:200]}"
                     return rec
