@@ -372,3 +372,18 @@ def test_bench_cli_errors(home: Path) -> None:
         app, ["bench", "--url", "http://127.0.0.1:9", "--model", "m", "--slo", "ttft=fast"]
     )
     assert isinstance(result.exception, InvalidInput)
+
+
+def test_bench_report_handles_an_unbounded_rate(tmp_path: Path) -> None:
+    from freehold.measure import report
+    from freehold.measure.metrics import RequestRecord, summarize
+
+    recs = [RequestRecord(0, 0.0, True, 0.1, 0.5, [0.1] * 4, 10, 5)]
+    levels = [
+        summarize(recs, 1.0, label="rate 2/s", rate=2.0),
+        summarize(recs, 0.5, label="rate inf/s", rate=float("inf")),
+    ]
+    path = report.write_html(tmp_path / "r.html", report.bench_html({"url": "x"}, levels))
+    images = png_images(path)
+    assert len(images) == 3 and all(img.startswith(PNG) for img in images)
+    assert "rate inf/s" in path.read_text()

@@ -92,19 +92,25 @@ def fmt(x: float | None, digits: int = 2) -> str:
 # ---- bench ----------------------------------------------------------------------------------
 
 
-def _load_axis(levels: Sequence[Summary]) -> tuple[list[float], str]:
+def _load_axis(levels: Sequence[Summary]) -> tuple[list[str], str]:
+    """Tick labels for the load levels; plotted evenly spaced, so 1,2,4,8 and `inf` all fit."""
     if all(s.rate is not None for s in levels):
-        return [float(s.rate or 0) for s in levels], "request rate (req/s)"
-    return [float(s.concurrency or 0) for s in levels], "concurrency"
+        return [f"{s.rate:g}" for s in levels], "request rate (req/s)"
+    return [str(s.concurrency) for s in levels], "concurrency"
+
+
+def _ticks(ax: Any, xs: list[str]) -> list[int]:
+    ax.set_xticks(range(len(xs)), xs)
+    return list(range(len(xs)))
 
 
 def _line_chart(
-    xs: list[float], series: dict[str, list[float]], xlabel: str, ylabel: str, title: str
+    xs: list[str], series: dict[str, list[float]], xlabel: str, ylabel: str, title: str
 ) -> Any:
     fig = _figure()
     ax = fig.subplots()
     for name, ys in series.items():
-        ax.plot(xs, ys, marker="o", label=name)
+        ax.plot(_ticks(ax, xs), ys, marker="o", label=name)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -114,7 +120,7 @@ def _line_chart(
     return fig
 
 
-def _percentile_chart(levels: Sequence[Summary], xs: list[float], xlabel: str) -> Any:
+def _percentile_chart(levels: Sequence[Summary], xs: list[str], xlabel: str) -> Any:
     fig = _figure(9.0, 6.0)
     axes = fig.subplots(2, 2)
     metrics: list[tuple[str, Callable[[Summary], Any]]] = [
@@ -125,7 +131,8 @@ def _percentile_chart(levels: Sequence[Summary], xs: list[float], xlabel: str) -
     ]
     for ax, (name, get) in zip(axes.flat, metrics, strict=True):
         for stat in ("median", "p90", "p99"):
-            ax.plot(xs, [getattr(get(s), stat) for s in levels], marker="o", label=stat)
+            ys = [getattr(get(s), stat) for s in levels]
+            ax.plot(_ticks(ax, xs), ys, marker="o", label=stat)
         ax.set_title(f"{name} (ms)")
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
