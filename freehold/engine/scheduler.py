@@ -118,11 +118,19 @@ class Engine:
         self.model = model if isinstance(model, Model) else Model(model)
         self.name = name or self.model.path.stem
         self.n_threads = cfg.n_threads or physical_cores()
-        self.n_ctx_per_slot = self._ctx_per_slot(cfg)
-        self.n_slots = cfg.n_slots or self._default_slots(cfg)
-        if self.n_slots < 1:
-            raise InvalidInput(f"n_slots must be at least 1, got {self.n_slots}")
-        self._ctx = self._new_context(cfg)
+        try:
+            self.n_ctx_per_slot = self._ctx_per_slot(cfg)
+            self.n_slots = cfg.n_slots or self._default_slots(cfg)
+            if not 1 <= self.n_slots <= ll.llama_max_parallel_sequences():
+                raise InvalidInput(
+                    f"n_slots must be between 1 and {ll.llama_max_parallel_sequences()}, "
+                    f"got {self.n_slots}"
+                )
+            self._ctx = self._new_context(cfg)
+        except BaseException:
+            if self._owns_model:
+                self.model.close()
+            raise
         self._mem = ll.llama_get_memory(self._ctx)
         self._n_vocab = self.model.n_vocab
         self._batch = Batch(max(cfg.n_batch, self.n_slots))
