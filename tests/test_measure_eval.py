@@ -33,28 +33,35 @@ def test_same_model_as_reference_has_zero_kl(smollm2_path: Path, home: Path) -> 
     assert 1.0 < r["perplexity"] < 1000.0
 
 
-def test_perplexity_matches_an_independent_llama_computation(smollm2_path: Path) -> None:
+@pytest.mark.parametrize(("fixture", "ctx"), [("smollm2_path", CTX), ("gemma_path", 128)])
+def test_perplexity_matches_an_independent_llama_computation(
+    fixture: str, ctx: int, request: pytest.FixtureRequest
+) -> None:
     from llama_cpp import Llama
 
-    ours = quality.evaluate(smollm2_path, ctx=CTX, max_chunks=CHUNKS, threads=THREADS)
+    path: Path = request.getfixturevalue(fixture)
+    ours = quality.evaluate(path, ctx=ctx, max_chunks=CHUNKS, threads=THREADS)
     # Independently: the high-level API with every logit kept, and a plain-loop log-softmax.
     llm = Llama(
-        model_path=str(smollm2_path),
-        n_ctx=CTX,
-        n_batch=CTX,
-        n_ubatch=CTX,
+        model_path=str(path),
+        n_ctx=ctx,
+        n_batch=ctx,
+        n_ubatch=ctx,
         n_threads=THREADS,
         n_threads_batch=THREADS,
         logits_all=True,
         verbose=False,
     )
     tokens = llm.tokenize(quality.default_text().encode(), add_bos=True, special=False)
+    adds_bos = tokens[0] == llm.token_bos()  # Gemma does, SmolLM2 does not
     nll = []
     for c in range(CHUNKS):
-        chunk = list(tokens[c * CTX : (c + 1) * CTX])
+        chunk = list(tokens[c * ctx : (c + 1) * ctx])
+        if adds_bos:
+            chunk[0] = llm.token_bos()  # every chunk starts like a document
         llm.reset()
         llm.eval(chunk)
-        for j in range(CTX // 2, CTX - 1):
+        for j in range(ctx // 2, ctx - 1):
             row = np.asarray(llm.scores[j], dtype=np.float64)
             top = row.max()
             nll.append(top + np.log(np.exp(row - top).sum()) - row[chunk[j + 1]])
