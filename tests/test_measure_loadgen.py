@@ -387,3 +387,25 @@ def test_bench_report_handles_an_unbounded_rate(tmp_path: Path) -> None:
     images = png_images(path)
     assert len(images) == 3 and all(img.startswith(PNG) for img in images)
     assert "rate inf/s" in path.read_text()
+
+
+def test_dataset_parsing(tmp_path: Path) -> None:
+    data = tmp_path / "d.jsonl"
+    chat = {
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    }
+    data.write_text(json.dumps(chat) + "\n\n" + json.dumps({"prompt": "x", "max_tokens": 9}) + "\n")
+    first, second = loadgen.load_dataset(data, output_len=4, num_prompts=None, chat=True)
+    assert first.messages == chat["messages"] and first.output_len == 4
+    assert second.messages == [{"role": "user", "content": "x"}] and second.output_len == 9
+    assert len(loadgen.load_dataset(data, 4, num_prompts=1, chat=True)) == 1
+    with pytest.raises(InvalidInput, match="--endpoint chat"):
+        loadgen.load_dataset(data, 4, None, chat=False)
+    data.write_text("not json\n")
+    with pytest.raises(InvalidInput, match="line 1 is not JSON"):
+        loadgen.load_dataset(data, 4, None, chat=False)
+    with pytest.raises(InvalidInput, match="whole numbers"):
+        loadgen.parse_int_list("1,two", "--concurrency")
+    with pytest.raises(InvalidInput, match="positive"):
+        bench_server.parse_rates("0")
+    assert bench_server.parse_rates("1,inf") == [1.0, float("inf")]
