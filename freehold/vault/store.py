@@ -234,6 +234,8 @@ class Vault:
         parent: ModelRecord,
         derivation: dict[str, Any],
         progress: ProgressFactory | None = None,
+        link: bool = False,
+        filename: str | None = None,
     ) -> ModelRecord:
         """Store a file Freehold made from `parent` (a quantization, an adapter, a merge).
 
@@ -243,10 +245,17 @@ class Vault:
         name, tag = parse_ref(ref)
         if self.catalog.name_taken(name, tag):
             raise InvalidInput(f"'{name}:{tag}' already names a model: choose another name")
-        origin = Provenance("derived", parent.ref, path.name, None, parent.digest, derivation)
+        origin = Provenance(
+            "derived", parent.ref, filename or path.name, None, parent.digest, derivation
+        )
         staged: list[StagedBlob] = []
         with staged_cleanup(self.blobs, staged):
-            weights = self.blobs.stage_file(path, progress=(progress or _no_progress)(path.name, 0))
+            advance = (progress or _no_progress)(path.name, path.stat().st_size)
+            # link: the file was written inside the vault's temp dir; no need to copy it again
+            if link:
+                weights = self.blobs.stage_link(path, advance)
+            else:
+                weights = self.blobs.stage_file(path, progress=advance)
             staged.append(weights)
             info = read_info(weights.tmp_path, str(path))
             record = new_record(info, weights, name, tag, origin, parent.license_id)
