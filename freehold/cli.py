@@ -754,6 +754,34 @@ def cost(
 # ---- adapt ----------------------------------------------------------------------------------
 
 
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help="Vault model to quantize."),
+    to: str = typer.Option(None, "--to", help="Target type, e.g. Q8_0, Q6_K, Q4_K_M, Q4_0."),
+    fit: str = typer.Option(None, "--fit", help="Memory budget (e.g. 512M, 1.5G): best type."),
+    ctx: int = typer.Option(4096, "--ctx", help="Context to reserve KV cache for with --fit."),
+    name: str = typer.Option(None, "--name", "-n", help="NAME[:TAG] for the result."),
+    allow_requantize: bool = typer.Option(
+        False, "--allow-requantize", help="Accept the extra loss of requantizing."
+    ),
+    eval_chunks: int = typer.Option(8, "--eval-chunks", help="Chunks for the KL check; 0: skip."),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable."),
+) -> None:
+    """Quantize with llama.cpp, store the result with lineage, and report what it cost."""
+    from freehold.adapt.quantize import quantize_model
+    from freehold.adapt.views import quantize_summary
+    from freehold.vault import Vault
+
+    with Vault() as vault, err_console.status("Quantizing with llama.cpp…"):
+        report = quantize_model(vault, model, to, fit, ctx, name, allow_requantize, eval_chunks)
+    summary = quantize_summary(report)
+    if json_out:
+        _print_json(summary)
+        return
+    for key, value in summary["lines"]:
+        console.print(f"[bold]{key:>16}[/]  {value}", highlight=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="freehold")
