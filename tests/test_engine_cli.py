@@ -52,3 +52,27 @@ def test_chat_with_piped_stdin(smollm2_path: Path) -> None:
     assert r.exit_code == 0, r.output
     assert "4" in r.output
     assert "conversation cleared" in r.output
+
+
+def test_run_by_vault_name(smollm2_path: Path, home: Path) -> None:
+    added = runner.invoke(app, ["add", str(smollm2_path), "--name", "smol", "--link"])
+    assert added.exit_code == 0, added.output
+    args = ["run", "smol", "What is 2+2?", "--temperature", "0", "--max-tokens", "12"]
+    r = runner.invoke(app, [*args, "--threads", "1", "--ctx", "512", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["model"] == "smol"
+
+
+def test_chat_refuses_a_base_model(gemma_path: Path) -> None:
+    r = runner.invoke(app, ["chat", str(gemma_path), "--threads", "1"], input="/exit\n")
+    assert r.exit_code != 0
+    assert "no chat template" in str(r.exception) or "no chat template" in r.output
+
+
+def test_run_base_model_needs_raw(gemma_path: Path) -> None:
+    base = ["run", str(gemma_path), "The capital of France is", "--threads", "1", "--ctx", "256"]
+    r = runner.invoke(app, [*base, "--max-tokens", "4"])
+    assert r.exit_code != 0
+    r = runner.invoke(app, [*base, "--max-tokens", "4", "--raw", "--temperature", "0"])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip()
