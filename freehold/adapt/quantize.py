@@ -29,6 +29,7 @@ from freehold.vault.store import Vault
 
 # Highest quality first. Only types that need no importance matrix.
 QUANT_TYPES: dict[str, int] = {
+    "F32": ll.LLAMA_FTYPE_ALL_F32,  # lossless unpacking, e.g. to check an adapter exactly
     "F16": ll.LLAMA_FTYPE_MOSTLY_F16,
     "BF16": ll.LLAMA_FTYPE_MOSTLY_BF16,
     "Q8_0": ll.LLAMA_FTYPE_MOSTLY_Q8_0,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from freehold.adapt.quantize import QuantizeReport
+from freehold.adapt.tune_model import TuneReport
 
 
 def _mib(n: int) -> str:
@@ -54,3 +55,28 @@ def quantize_summary(report: QuantizeReport) -> dict[str, Any]:
         "quality": None if q is None else q.to_json(),
         "lines": lines,
     }
+
+
+def tune_lines(report: TuneReport) -> list[tuple[str, str]]:
+    res = report.result
+    lines = [
+        ("Adapter", f"{report.adapter.ref} ({report.adapter.digest[:19]}…) on {report.base.ref}"),
+        ("Run it", f'freehold run {report.base.ref}+{report.adapter.ref} "…"'),
+        (
+            "Validation loss",
+            f"{res.val_loss_before:.4f} before → {res.val_loss_after:.4f} after",
+        ),
+        (
+            "Training",
+            f"{res.steps} steps, {res.train_tokens} tokens in {res.seconds:.0f} s "
+            f"({res.tokens_per_s:.0f} tok/s), peak memory {_mib(res.peak_rss_bytes)}",
+        ),
+        ("KL from base", f"{report.kl_from_base:.4f} nats/token on the bundled corpus"),
+    ]
+    for i, ex in enumerate(report.examples, 1):
+        lines += [
+            (f"Held-out {i}", ex["prompt"]),
+            ("  base", ex["base"]),
+            ("  tuned", ex["tuned"]),
+        ]
+    return lines

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from freehold.errors import FreeholdError, InvalidInput, NotFound
+from freehold.vault import ModelSpec, resolve_model_spec
 
 ROW_BLOCK = 32  # rows of logits turned to float64 at once: bounds memory for 256k vocabularies
 
@@ -69,18 +70,13 @@ def load_text(path: Path) -> str:
         raise InvalidInput(f"{path} is not UTF-8 text: convert it or pick another file") from None
 
 
-def resolve_model(ref: str) -> Path:
-    """A vault name or a .gguf path to the file to load."""
-    try:
-        from freehold.vault import resolve_model_path  # the vault may not be installed yet
-    except ImportError:
-        resolve_model_path = None
-    if resolve_model_path is not None:
-        return resolve_model_path(ref)
-    p = Path(ref).expanduser()
-    if p.is_file():
-        return p
-    raise NotFound(f"model {ref!r} not found: give a .gguf path or a vault model name")
+def resolve_model(ref: str) -> ModelSpec:
+    """A vault name, a .gguf path, or BASE+ADAPTER to what to load."""
+    return resolve_model_spec(ref)
+
+
+def _spec(model: Path | ModelSpec) -> ModelSpec:
+    return model if isinstance(model, ModelSpec) else ModelSpec(str(model), Path(model))
 
 
 # ---- llama.cpp, low level -------------------------------------------------------------------
@@ -97,7 +93,14 @@ def _llama() -> Any:
 class _Scorer:
     """One model and one context big enough for a chunk."""
 
-    def __init__(self, path: Path, ctx: int, threads: int, vocab_only: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        ctx: int,
+        threads: int,
+        vocab_only: bool = False,
+        adapters: tuple[Path, ...] = (),
+    ) -> None:
         ll = _llama()
         ll.llama_backend_init()
         self.ll = ll
@@ -126,6 +129,23 @@ class _Scorer:
             self.close()
             raise FreeholdError(f"llama.cpp could not make a {ctx}-token context for {path}")
         self.batch = ll.llama_batch_init(ctx, 0, 1)
+        if adapters:
+            self._apply_adapters(adapters)
+
+    def _apply_adapters(self, paths: tuple[Path, ...]) -> None:
+        ll = self.ll
+        loaded = []
+        for p in paths:
+            adapter = ll.llama_adapter_lora_init(self.model, str(p).encode())
+            if not adapter:
+                self.close()
+                raise InvalidInput(f"{p} is not a LoRA adapter that fits this base model")
+            loaded.append(adapter)
+        arr = (ll.llama_adapter_lora_p_ctypes * len(loaded))(*loaded)
+        scales = (ctypes.c_float * len(loaded))(*([1.0] * len(loaded)))
+        if ll.llama_set_adapters_lora(self.ctx, arr, len(loaded), scales) != 0:
+            self.close()
+            raise FreeholdError("llama.cpp could not apply the LoRA adapters")
 
     def tokenize(self, text: str) -> np.ndarray:
         raw = text.encode("utf-8")
@@ -171,8 +191,11 @@ class _Scorer:
 
 
 @contextmanager
-def _scorer(path: Path, ctx: int, threads: int, vocab_only: bool = False) -> Iterator[_Scorer]:
-    s = _Scorer(path, ctx, threads, vocab_only)
+def _scorer(
+    model: Path | ModelSpec, ctx: int, threads: int, vocab_only: bool = False
+) -> Iterator[_Scorer]:
+    spec = _spec(model)
+    s = _Scorer(spec.path, ctx, threads, vocab_only, () if vocab_only else spec.adapters)
     try:
         yield s
     finally:
@@ -221,25 +244,26 @@ def _ppl(nll: np.ndarray) -> tuple[float, float]:
 # ---- the evaluation -------------------------------------------------------------------------
 
 
-def _check_vocab(model: Path, reference: Path, text: str) -> None:
+def _check_vocab(model: Path | ModelSpec, reference: Path | ModelSpec, text: str) -> None:
     """Refuse pairs whose next-token distributions are not over the same tokens."""
+    mname, rname = _spec(model).ref, _spec(reference).ref
     with _scorer(model, 0, 1, vocab_only=True) as m, _scorer(reference, 0, 1, True) as r:
         if m.n_vocab != r.n_vocab:
             raise InvalidInput(
-                f"{model.name} has a vocabulary of {m.n_vocab} tokens and {reference.name} of "
+                f"{mname} has a vocabulary of {m.n_vocab} tokens and {rname} of "
                 f"{r.n_vocab}: KL divergence needs the same vocabulary; pick a reference "
                 "from the same model family"
             )
         if not np.array_equal(m.tokenize(text), r.tokenize(text)):
             raise InvalidInput(
-                f"{model.name} and {reference.name} both have {m.n_vocab} tokens but tokenize "
+                f"{mname} and {rname} both have {m.n_vocab} tokens but tokenize "
                 "the text differently: pick a reference from the same model family"
             )
 
 
 def evaluate(
-    model: Path,
-    reference: Path | None = None,
+    model: Path | ModelSpec,
+    reference: Path | ModelSpec | None = None,
     text: str | None = None,
     *,
     ctx: int = 512,
@@ -274,8 +298,8 @@ def evaluate(
     nll, ref_nll, kl, agree = parts
     ppl, ppl_err = _ppl(nll)
     result = EvalResult(
-        model=str(model),
-        reference=None if reference is None else str(reference),
+        model=_spec(model).ref,
+        reference=None if reference is None else _spec(reference).ref,
         text=text_name,
         ctx=ctx,
         chunks=n_chunks,
@@ -299,7 +323,9 @@ def evaluate(
 
 
 @contextmanager
-def _maybe_scorer(path: Path | None, ctx: int, threads: int) -> Iterator[_Scorer | None]:
+def _maybe_scorer(
+    path: Path | ModelSpec | None, ctx: int, threads: int
+) -> Iterator[_Scorer | None]:
     if path is None:
         yield None
         return
