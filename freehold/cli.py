@@ -782,6 +782,61 @@ def quantize(
         console.print(f"[bold]{key:>16}[/]  {value}", highlight=False)
 
 
+@app.command()
+def tune(
+    model: str = typer.Argument(..., help="Vault model to fine-tune (needs a chat template)."),
+    data: Path = typer.Argument(..., help="JSONL: chat messages, ShareGPT or Alpaca records."),
+    name: str = typer.Option(None, "--name", "-n", help="NAME[:TAG] for the adapter."),
+    rank: int = typer.Option(16, "--rank", help="LoRA rank."),
+    alpha: float = typer.Option(32.0, "--alpha", help="LoRA alpha (scale = alpha / rank)."),
+    lr: float = typer.Option(2e-4, "--lr", help="Learning rate (AdamW)."),
+    epochs: int = typer.Option(3, "--epochs", help="Passes over the training split."),
+    max_seq_len: int = typer.Option(512, "--max-seq-len", help="Longest conversation, tokens."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Conversations per step."),
+    checkpoint_every: int = typer.Option(20, "--checkpoint-every", help="Steps between saves."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the split, order and init."),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable report."),
+) -> None:
+    """LoRA fine-tune on a CPU; the adapter goes into the vault as a llama.cpp LoRA GGUF."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from freehold.adapt.tune import TuneConfig
+    from freehold.adapt.tune_model import tune_model
+    from freehold.adapt.views import tune_lines
+    from freehold.vault import Vault
+
+    config = TuneConfig(
+        rank=rank,
+        alpha=alpha,
+        lr=lr,
+        epochs=epochs,
+        max_seq_len=max_seq_len,
+        batch_size=batch_size,
+        checkpoint_every=checkpoint_every,
+        seed=seed,
+    )
+    columns = (
+        TextColumn("training"),
+        BarColumn(),
+        TextColumn("step {task.completed}/{task.total} loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[tps]:.0f} tok/s"),
+        TimeRemainingColumn(),
+    )
+    with Vault() as vault, Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task("train", total=None, loss=float("nan"), tps=0.0)
+
+        def on_step(p) -> None:  # noqa: ANN001 - freehold.adapt.tune.Progress
+            bar.update(task, completed=p.step, total=p.total_steps, loss=p.loss, tps=p.tokens_per_s)
+
+        report = tune_model(vault, model, data, config, name, resume, on_step=on_step)
+    if json_out:
+        _print_json(report.to_dict())
+        return
+    for key, value in tune_lines(report):
+        console.print(f"[bold]{key:>16}[/]  {value}", highlight=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="freehold")
