@@ -239,7 +239,7 @@ def save_checkpoint(model: Any, optimizer: Any, state: dict[str, Any], out: Path
 
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
+    model.save_pretrained(str(tmp), save_embedding_layers=False)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
     old = out.with_name(out.name + ".old")
@@ -327,10 +327,10 @@ def train(
                 state.update(epoch=epoch, batch=b + 1, step=state["step"] + 1)
                 state["tokens"] += sum(len(t.input_ids) for t in batches[b])
                 state["seconds"] = time.perf_counter() - started
-                state["history"].append(float(loss))
+                state["history"].append(loss.item())
                 if on_step:
                     tps = state["tokens"] / max(state["seconds"], 1e-9)
-                    on_step(Progress(state["step"], total, float(loss), tps))
+                    on_step(Progress(state["step"], total, state["history"][-1], tps))
                 if state["step"] % config.checkpoint_every == 0:
                     save_checkpoint(model, optimizer, state, ckpt)
             state.update(epoch=epoch + 1, batch=0)
@@ -343,7 +343,7 @@ def train(
     save_checkpoint(model, optimizer, state, ckpt)
     val_after = evaluate_loss(model, val_data, pad, config.batch_size)
     adapter_dir = out_dir / "adapter"
-    model.save_pretrained(str(adapter_dir))
+    model.save_pretrained(str(adapter_dir), save_embedding_layers=False)
     result = TuneResult(
         adapter_dir=adapter_dir,
         steps=state["step"],

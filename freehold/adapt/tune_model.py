@@ -66,7 +66,8 @@ def tune_model(
 
     partial = vault.paths.tmp / f"adapter-{os.getpid()}.gguf.partial"
     try:
-        write_adapter(partial, get_peft_model_state_dict(model), config.alpha, gguf, base.digest)
+        state = get_peft_model_state_dict(model, save_embedding_layers=False)
+        write_adapter(partial, state, config.alpha, gguf, base.digest)
         derivation = {
             "operation": "lora",
             "rank": config.rank,

