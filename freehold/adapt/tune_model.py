@@ -58,6 +58,7 @@ def tune_model(
         raise InvalidInput(f"'{target}' already exists in the vault: choose another --name")
     load_jsonl(data)  # fail on bad data before loading any weights
     gguf = vault.blob_path(base)
+    tune.template_source(gguf, base.ref)
     out = work_dir(vault, base, data)
     out.mkdir(parents=True, exist_ok=True)
     result, model, tokenizer, _ = tune.train(gguf, data, out, config, resume, on_step)
