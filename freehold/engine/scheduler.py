@@ -400,6 +400,8 @@ class Engine:
             with self._lock:
                 if not self._pending:
                     return
+                if self._worth_waiting(self._pending[0]):
+                    return
                 req = self._pending.popleft()
             if req.handle.cancelled:
                 req.sampler.close()
@@ -413,15 +415,35 @@ class Engine:
                 continue
             self._place(req, free)
 
+    def _worth_waiting(self, req: _Request) -> bool:
+        """True while another slot is still prefilling a long prefix this request shares.
+
+        Requests that arrive together with the same long system prompt would otherwise each
+        compute it; holding this one for a few steps lets it copy the KV instead.
+        """
+        if not self.config.prefix_cache or req.handle.cancelled:
+            return False
+        have = max((_common_prefix(s.tokens, req.prompt) for s in self._slots), default=0)
+        for s in self._slots:
+            r = s.req
+            if r is not None and r.pos < len(r.prompt):
+                shared = min(_common_prefix(r.prompt, req.prompt), len(req.prompt) - 1)
+                if shared >= have + _MIN_BORROW and r.pos < shared:
+                    return True
+        return False
+
     def _place(self, req: _Request, free: list[_Slot]) -> None:
         """Put `req` in the free slot sharing the longest prefix; keep that prefix's KV."""
         if self.config.prefix_cache:
-            slot = max(free, key=lambda s: (_common_prefix(s.tokens, req.prompt), -s.last_used))
+            slot = max(
+                self._contiguous(free),
+                key=lambda s: (_common_prefix(s.tokens, req.prompt), -s.last_used),
+            )
             keep = _common_prefix(slot.tokens, req.prompt)
             keep = self._borrow_prefix(slot, req.prompt, keep)
             keep = min(keep, len(req.prompt) - 1)
         else:
-            slot, keep = free[0], 0
+            slot, keep = self._contiguous(free)[0], 0
         if keep < len(slot.tokens):
             if not ll.llama_memory_seq_rm(self._mem, slot.id, keep, -1):
                 ll.llama_memory_seq_rm(self._mem, slot.id, -1, -1)
@@ -431,6 +453,21 @@ class Engine:
         req.admitted_at = time.perf_counter()
         slot.req = req
         self._n_prompt_cached += keep
+
+    def _contiguous(self, free: list[_Slot]) -> list[_Slot]:
+        """The free slots that keep the running sequence ids contiguous.
+
+        llama.cpp batches per-sequence KV streams together only for consecutive sequence ids; a
+        gap splits a step into several passes and loses the batching gain. A prefix held by a
+        slot outside this set is still reused, by copying it (see `_borrow_prefix`).
+        """
+        busy = [s.id for s in self._slots if s.req is not None]
+        if not busy:
+            return free
+        lo, hi = min(busy), max(busy)
+        holes = [s for s in free if lo < s.id < hi]
+        edges = [s for s in free if s.id in (lo - 1, hi + 1)]
+        return holes or edges or free
 
     def _borrow_prefix(self, slot: _Slot, prompt: list[int], keep: int) -> int:
         """Copy another slot's KV (even a busy one) when it holds a much longer prefix.
@@ -457,48 +494,55 @@ class Engine:
                 self._finish(s, "cancelled")
 
     def _step(self) -> None:
+        """One scheduling step: a decode pass for every generating stream, then one prompt chunk.
+
+        The two never share a `llama_decode` call, and a prompt is always cut into the same
+        chunks (n_batch tokens from where its cache ends): llama.cpp picks its attention kernel
+        by the rows per sequence in a call, so this keeps every request's numbers independent of
+        what else is running (greedy output is batch-invariant).
+        """
+        live = [s for s in self._slots if s.req is not None]
+        decoding = [s for s in live if s.req is not None and s.req.pending_token >= 0]
+        if decoding:
+            self._decode_pass(decoding)
+        prefilling = [s for s in live if s.req is not None and s.req.pos < len(s.req.prompt)]
+        if prefilling:
+            self._prefill_pass(min(prefilling, key=lambda s: s.req.admitted_at))  # type: ignore[union-attr]
+
+    def _decode_pass(self, slots: list[_Slot]) -> None:
         b = self._batch
         b.clear()
-        live = [s for s in self._slots if s.req is not None]
-        # Decode tokens first: every generating stream advances every step.
-        for s in live:
+        for s in slots:
             r = s.req
             assert r is not None
-            if r.pending_token >= 0:
-                r.out_idx = b.add(r.pending_token, len(s.tokens), s.id, True)
-                s.tokens.append(r.pending_token)
-                r.pending_token = -1
-            else:
-                r.out_idx = -1
-        # Then prompt chunks, oldest request first, in whatever room is left.
-        prefilling = sorted(
-            (s for s in live if s.req and s.req.pos < len(s.req.prompt)),
-            key=lambda s: s.req.admitted_at,
-        )  # type: ignore[union-attr]
-        for s in prefilling:
-            r = s.req
-            assert r is not None
-            if b.free == 0:
-                break
-            chunk = r.prompt[r.pos : r.pos + b.free]
-            done = r.pos + len(chunk) == len(r.prompt)
-            idx = b.add_run(chunk, len(s.tokens), s.id, done)
-            s.tokens.extend(chunk)
-            r.pos += len(chunk)
-            self._n_prompt_computed += len(chunk)
-            if done:
-                r.out_idx = idx
-        if b.n == 0:
-            return
-        rc = ll.llama_decode(self._ctx, b.struct())
+            r.out_idx = b.add(r.pending_token, len(s.tokens), s.id, True)
+            s.tokens.append(r.pending_token)
+            r.pending_token = -1
+        if self._decode(slots):
+            now = time.perf_counter()
+            for s in slots:
+                if s.req is not None:
+                    self._on_token(s, s.req, now)
+
+    def _prefill_pass(self, s: _Slot) -> None:
+        r = s.req
+        assert r is not None
+        b = self._batch
+        b.clear()
+        chunk = r.prompt[r.pos : r.pos + b.capacity]
+        done = r.pos + len(chunk) == len(r.prompt)
+        r.out_idx = b.add_run(chunk, len(s.tokens), s.id, done)
+        s.tokens.extend(chunk)
+        r.pos += len(chunk)
+        self._n_prompt_computed += len(chunk)
+        if self._decode([s]) and done and s.req is not None:
+            self._on_token(s, r, time.perf_counter())
+
+    def _decode(self, slots: list[_Slot]) -> bool:
+        rc = ll.llama_decode(self._ctx, self._batch.struct())
         if rc != 0:
-            self._decode_failed(live, rc)
-            return
-        now = time.perf_counter()
-        for s in live:
-            r = s.req
-            if r is not None and r.out_idx >= 0:
-                self._on_token(s, r, now)
+            self._decode_failed(slots, rc)
+        return rc == 0
 
     def _decode_failed(self, live: list[_Slot], rc: int) -> None:
         why = "the KV cache is full" if rc == 1 else f"llama_decode failed with code {rc}"
