@@ -37,11 +37,17 @@ class Running:
         return self.base + "/v1"
 
 
-def wait_ready(base: str, timeout: float = 60.0, headers: dict[str, str] | None = None) -> None:
+def wait_ready(
+    base: str,
+    timeout: float = 120.0,
+    headers: dict[str, str] | None = None,
+    verify: bool | str = True,
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if httpx.get(base + "/ready", headers=headers, timeout=2).status_code == 200:
+            r = httpx.get(base + "/ready", headers=headers, timeout=5, verify=verify)
+            if r.status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -60,9 +66,10 @@ def running_server(
     server = DrainingServer(uvicorn_config(settings, app), app.state.services)
     thread = threading.Thread(target=server.run, name="test-server", daemon=True)
     thread.start()
-    base = f"http://127.0.0.1:{settings.port}"
+    base = f"{settings.scheme}://127.0.0.1:{settings.port}"
+    verify = str(settings.tls_cert) if settings.tls_cert else True
     try:
-        wait_ready(base, headers=ready_headers)
+        wait_ready(base, headers=ready_headers, verify=verify)
         yield Running(base, app.state.services, home)
     finally:
         server.should_exit = True

@@ -39,7 +39,7 @@ def server(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Runn
 
 @pytest.fixture(scope="module")
 def client(server: Running) -> OpenAI:
-    return OpenAI(base_url=server.v1, api_key="unused", timeout=60, max_retries=0)
+    return OpenAI(base_url=server.v1, api_key="unused", timeout=180, max_retries=0)
 
 
 def _ask(text: str) -> list[dict[str, str]]:
@@ -163,12 +163,14 @@ def test_json_schema(client: OpenAI) -> None:
 def test_json_object(client: OpenAI) -> None:
     r = client.chat.completions.create(
         model=MODEL,
-        messages=_ask("Reply in JSON."),
+        messages=_ask('Reply with a JSON object with one key, "color", and nothing else.'),
         response_format={"type": "json_object"},
-        max_tokens=48,
+        max_tokens=64,
         temperature=0,
     )
-    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    content = r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop", content  # the grammar closed the object
+    assert isinstance(json.loads(content), dict)
 
 
 def test_tool_call_structured(client: OpenAI) -> None:
@@ -418,15 +420,24 @@ WORDS = (
 ).split()
 
 
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def test_32_concurrent_streams_match_greedy_alone(server: Running, client: OpenAI) -> None:
     prompts = [f"{w}: write one sentence about it." for w in WORDS]
-    assert len(prompts) == 32
+    fillers = [f"{w}?" for w in "Quartz Saturn Walnut Orbit Pepper Rocket Velvet Marble".split()]
+    engine = server.services.registry.engine(MODEL)
+    rendered = [engine.tokenize(engine.render_chat(_ask(p))) for p in prompts + fillers]
+    shared = min(_common(a, b) for i, a in enumerate(rendered) for b in rendered[i + 1 :])
+    assert all(_common(a, b) == shared for i, a in enumerate(rendered) for b in rendered[i + 1 :])
 
-    def flush_slots() -> None:  # leave only unrelated prompts in the prefix cache
-        for i in range(8):
-            client.chat.completions.create(
-                model=MODEL, messages=_ask(f"Hello number {i}"), max_tokens=1
-            )
+    def flush_slots() -> None:  # each of the 8 slots ends up holding an unrelated filler
+        for f in fillers:
+            client.chat.completions.create(model=MODEL, messages=_ask(f), max_tokens=1)
 
     flush_slots()
     alone = [

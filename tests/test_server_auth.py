@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import time
 from pathlib import Path
@@ -54,7 +55,7 @@ def env_home(home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _client(server: Running, secret: str) -> OpenAI:
-    return OpenAI(base_url=server.v1, api_key=secret, timeout=60, max_retries=0)
+    return OpenAI(base_url=server.v1, api_key=secret, timeout=180, max_retries=0)
 
 
 ROUTES = [
@@ -237,3 +238,58 @@ def test_serve_cli_refuses_open_network(cli, monkeypatch, tmp_path: Path) -> Non
     r = cli("serve", "--host", "0.0.0.0", "--port", "1")
     assert r.code != 0 and "--insecure-no-auth" in r.err
     assert time.monotonic() - t0 < 10  # refused before anything loads
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_tls(tmp_path: Path, smollm2_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    with running_server(
+        tmp_path / "home", {CHAT: smollm2_path}, slots=1, tls_cert=cert, tls_key=key
+    ) as s:
+        assert s.base.startswith("https://")
+        client = OpenAI(
+            base_url=s.v1,
+            api_key="unused",
+            http_client=httpx.Client(verify=str(cert), timeout=60),
+            max_retries=0,
+        )
+        r = client.completions.create(model=CHAT, prompt="Hi", max_tokens=2)
+        assert r.usage.completion_tokens == 2
+        with pytest.raises(httpx.HTTPError):  # plain HTTP is not served
+            httpx.get(s.base.replace("https", "http") + "/health", timeout=5)

