@@ -6,6 +6,12 @@ batch, the next chunk of any prompt still being prefilled, so long prompts never
 Callers only touch thread-safe structures: the admission deque (under a lock) and their
 `RequestHandle`s. Each slot keeps the tokens whose KV it holds after its request ends, so a later
 request sharing a prefix (a system prompt, a few-shot preamble) only computes the rest.
+
+Batch invariance: with the defaults (flash attention, one KV stream per slot, decode and prompt
+chunks in separate passes, fixed chunking) a greedy request gives the same tokens whatever runs
+beside it. Two llama.cpp kernel choices remain outside our control: a prefix-cache hit changes
+how the rest of the prompt is chunked, and a lone stream past ~256 tokens of context decodes
+with a thread-split attention kernel when n_threads > 1; either can change low-order bits.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any
 import llama_cpp as ll
 import numpy as np
 
+from freehold.engine.adapters import attach_lora
 from freehold.engine.batch import Batch
 from freehold.engine.chat_template import ChatTemplate, ChatTemplateError, Message
 from freehold.engine.model import Model, available_ram_bytes, physical_cores
@@ -65,6 +72,7 @@ class EngineConfig:
     flash_attn: bool = True
     kv_unified: bool = False  # one KV stream per slot: also needed for batch-invariant output
     prefix_cache: bool = True
+    adapters: tuple[str, ...] = ()  # LoRA GGUFs applied to every sequence (BASE+ADAPTER)
     ram_fraction: float = 0.25  # share of free RAM the KV cache may take when sizing slots
 
 
@@ -187,6 +195,11 @@ class Engine:
                 f"could not create a context of {p.n_ctx} tokens for {self.name}; "
                 "lower n_slots or n_ctx_per_slot"
             )
+        try:
+            attach_lora(self.model, ctx, cfg.adapters)
+        except BaseException:
+            ll.llama_free(ctx)
+            raise
         return ctx
 
     # -- public API ----------------------------------------------------------------------------
