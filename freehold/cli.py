@@ -547,8 +547,15 @@ def _measure_json(data: object) -> None:
 @app.command()
 def bench(
     engine_model: str = typer.Argument(
-        None, help="Engine micro-benchmark of a vault model (not available yet; use --url)."
+        None, help="Engine micro-benchmark of a model (vault name, .gguf or BASE+ADAPTER)."
     ),
+    pp: int = typer.Option(128, "--pp", help="Engine: prompt tokens to process per test."),
+    tg: int = typer.Option(64, "--tg", help="Engine: tokens to generate per sequence."),
+    repeats: int = typer.Option(5, "--repeats", help="Engine: repetitions of every test."),
+    sequences: str = typer.Option(
+        "1,2,4,8", "--sequences", help="Engine: concurrent sequences for aggregate tg."
+    ),
+    threads: int = typer.Option(None, "--threads", help="Engine: CPU threads (default: cores)."),
     url: str = typer.Option(
         None, "--url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8080."
     ),
@@ -588,18 +595,22 @@ def bench(
     ),
     record: bool = typer.Option(True, "--record/--no-record", help="Keep throughput for `cost`."),
 ) -> None:
-    """Load-test an OpenAI-compatible server: TTFT, TPOT, ITL, E2E, throughput, goodput."""
+    """Benchmark the engine on a model (pp/tg tok/s, like llama-bench), or load-test a server
+    with --url (TTFT, TPOT, ITL, E2E, throughput, goodput)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from freehold.errors import InvalidInput
     from freehold.measure import bench_server, loadgen, metrics, views
     from freehold.measure import report as reports
 
-    if url is None:
+    if (url is None) == (engine_model is None):
         raise InvalidInput(
-            "the engine micro-benchmark (`freehold bench MODEL`) is not available yet: "
-            "benchmark a running server with `freehold bench --url URL --model M`"
+            "give a MODEL to benchmark the engine (`freehold bench smollm2`), or --url to "
+            "load-test a running server, not both"
         )
+    if engine_model is not None:
+        _bench_engine(engine_model, pp, tg, repeats, sequences, threads, json_out, record)
+        return
     target = loadgen.Target(url, model or "", endpoint, api_key, timeout, ignore_eos)
     loadgen.check_target(target)
     if not model:
@@ -656,6 +667,41 @@ def bench(
     for path, what in ((save_raw, "raw timings"), (report, "report")):
         if path:
             console.print(f"wrote {what} to {path}", highlight=False)
+
+
+def _bench_engine(
+    ref: str,
+    pp: int,
+    tg: int,
+    repeats: int,
+    sequences: str,
+    threads: int | None,
+    json_out: bool,
+    record: bool,
+) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from freehold.measure import bench_engine, loadgen, views
+
+    opts = bench_engine.EngineBenchOptions(
+        pp=pp,
+        tg=tg,
+        repeats=repeats,
+        sequences=tuple(loadgen.parse_int_list(sequences, "--sequences")),
+        threads=threads,
+    )
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        task = progress.add_task("loading", total=None)
+
+        def on_progress(test: str, done: int, total: int) -> None:
+            progress.update(task, description=test, completed=done, total=total)
+
+        result = bench_engine.run_engine_bench(ref, opts, on_progress=on_progress, record=record)
+    if json_out:
+        _measure_json(result.to_json())
+        return
+    console.print(views.engine_bench_table(result))
 
 
 @app.command("eval")
@@ -749,6 +795,28 @@ def cost(
     console.print(views.cost_tables(rep))
     if report:
         console.print(f"wrote report to {report}", highlight=False)
+
+
+@app.command()
+def savings(
+    by: str = typer.Option("key", "--by", help="Group by key, model or day (UTC)."),
+    since: str = typer.Option(None, "--since", help="Only requests from this date (UTC)."),
+    prices: Path = typer.Option(None, "--prices", help="Your price sheet: CSV or LiteLLM JSON."),
+    only: list[str] = typer.Option([], "--only", help="Only comparators whose name contains this."),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable."),
+) -> None:
+    """What the tokens your server served cost here, and on each API for the same tokens."""
+    from freehold.measure import views
+    from freehold.measure.savings import build_savings
+
+    rep = build_savings(by=by, since=since, price_file=prices, only=only or None)
+    if json_out:
+        _measure_json(rep.to_json())
+        return
+    if not rep.groups:
+        console.print("No requests recorded yet: serve some with `freehold serve`.")
+        return
+    console.print(views.savings_tables(rep))
 
 
 # ---- adapt ----------------------------------------------------------------------------------

@@ -365,7 +365,7 @@ def test_bench_cli_end_to_end(server: FakeServer, home: Path, tmp_path: Path) ->
 
 
 def test_bench_cli_errors(home: Path) -> None:
-    result = CliRunner().invoke(app, ["bench", "some-model"])
+    result = CliRunner().invoke(app, ["bench"])  # neither a model nor a server
     assert isinstance(result.exception, InvalidInput)
     assert "--url" in str(result.exception)
     result = CliRunner().invoke(

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from freehold.errors import FreeholdError, InvalidInput, NotFound
+from freehold.measure.lora import apply_adapters
 from freehold.vault import ModelSpec, resolve_model_spec
 
 ROW_BLOCK = 32  # rows of logits turned to float64 at once: bounds memory for 256k vocabularies
@@ -133,19 +134,11 @@ class _Scorer:
             self._apply_adapters(adapters)
 
     def _apply_adapters(self, paths: tuple[Path, ...]) -> None:
-        ll = self.ll
-        loaded = []
-        for p in paths:
-            adapter = ll.llama_adapter_lora_init(self.model, str(p).encode())
-            if not adapter:
-                self.close()
-                raise InvalidInput(f"{p} is not a LoRA adapter that fits this base model")
-            loaded.append(adapter)
-        arr = (ll.llama_adapter_lora_p_ctypes * len(loaded))(*loaded)
-        scales = (ctypes.c_float * len(loaded))(*([1.0] * len(loaded)))
-        if ll.llama_set_adapters_lora(self.ctx, arr, len(loaded), scales) != 0:
+        try:
+            apply_adapters(self.model, self.ctx, paths)
+        except FreeholdError:
             self.close()
-            raise FreeholdError("llama.cpp could not apply the LoRA adapters")
+            raise
 
     def tokenize(self, text: str) -> np.ndarray:
         raw = text.encode("utf-8")

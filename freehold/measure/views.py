@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from rich import box
 from rich.console import Group
@@ -14,6 +15,10 @@ from freehold.measure.costing import CostReport, Row
 from freehold.measure.eval import EvalResult
 from freehold.measure.metrics import Summary
 from freehold.measure.report import fmt
+from freehold.measure.savings import GroupSavings, SavingsReport
+
+if TYPE_CHECKING:  # the engine loads llama.cpp: keep it out of `cost` and `bench --url`
+    from freehold.measure.bench_engine import EngineBenchResult
 
 
 def bench_tables(title: str, levels: Sequence[Summary]) -> Group:
@@ -154,3 +159,168 @@ def _comparator_table(title: str, rows: list[Row], loc: LocalCost) -> Table:
 def _num(x: float) -> str:
     """Three significant figures: 0.028, 0.267, 1.5, 30."""
     return f"{x:.3g}"
+
+
+def engine_bench_table(r: EngineBenchResult) -> Group:
+    """llama-bench's layout: one row per test, tokens per second as mean ± sd."""
+    adapters = f" with {len(r.adapters)} adapter(s)" if r.adapters else ""
+    head = Text(f"{r.model}{adapters}: {r.threads} threads, {r.options.repeats} repeats")
+    t = Table()
+    for col in ("test", "sequences", "t/s"):
+        t.add_column(col, justify="left" if col == "test" else "right")
+    for test in r.tests:
+        s = test.tokens_per_s
+        t.add_row(test.test, str(max(test.sequences, 1)), f"{s.mean:.2f} ± {s.sd:.2f}")
+    parts: list[Table | Text] = [head, t]
+    rec = r.recorded
+    if rec is not None:
+        parts.append(
+            Text(
+                f"Recorded for `freehold cost --model {rec.model}`: prefill "
+                f"{rec.prefill_tps or 0:.1f} tok/s ({rec.detail['prefill_from']}), decode "
+                f"{rec.decode_tps:.1f} tok/s ({rec.detail['decode_from']}).",
+                style="dim",
+            )
+        )
+    return Group(*parts)
+
+
+def _usd(x: float) -> str:
+    """Dollars, with enough digits that small ledgers do not read as $0.0000."""
+    return _money(x) if x >= 0.01 else f"${x:.3g}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}%"  # None: nothing costed
+
+
+def savings_tables(r: SavingsReport) -> Group:
+    since = f" since {r.since}" if r.since else ""
+    head = Text(
+        f"Tokens served{since} by {r.by}, costed here at {r.utilisation:.0%} utilisation "
+        f"({_usd(r.hourly_usd)}/h) with each model's measured throughput.",
+        style="bold",
+    )
+    parts: list[Table | Text] = [head]
+    for rate in r.rates:
+        parts.append(
+            Text(
+                f"  {rate.model}: {_usd(rate.input_per_mtok)} in / {_usd(rate.output_per_mtok)} "
+                f"out per 1M here; prefill {rate.prefill_tps:.0f}, decode {rate.decode_tps:.0f} "
+                f"tok/s, {_origins(rate.throughput_origin)}",
+                style="dim",
+            )
+        )
+    if r.assumed_inputs:
+        parts.append(
+            Text(
+                f"Assumed cost inputs (defaults): {', '.join(r.assumed_inputs)}; set them with "
+                "`freehold cost --set KEY=VALUE`.",
+                style="yellow",
+            )
+        )
+    parts.append(_usage_table(r))
+    parts.extend(_api_tables(r))
+    if len(r.groups) > 1 and len(r.total.apis) <= 4:
+        parts.append(_group_matrix(r))
+    if r.total.unmeasured_models:
+        names = ", ".join(r.total.unmeasured_models)
+        parts.append(
+            Text(
+                f"Not costed (no measured throughput): tokens of {names}. Run "
+                "`freehold bench MODEL` on this machine to cost them.",
+                style="yellow",
+            )
+        )
+    parts.append(
+        Text(
+            "Savings are % of the API price for the same input and output tokens (negative: "
+            "dearer here). Cached prompt tokens are priced as ordinary input on both sides. "
+            f"Prices: {r.price_sheet}, dated per row.",
+            style="dim",
+        )
+    )
+    return Group(*parts)
+
+
+def _usage_table(r: SavingsReport) -> Table:
+    t = Table(title="Tokens served and their cost here", title_justify="left")
+    t.add_column(r.by)
+    for col in ("requests", "failed", "input tok", "cached", "output tok", "here $"):
+        t.add_column(col, justify="right")
+    for g in [*r.groups, r.total]:
+        t.add_row(
+            g.group,
+            str(g.requests),
+            str(g.failed),
+            f"{g.prompt_tokens:,}",
+            f"{g.cached_tokens:,}",
+            f"{g.completion_tokens:,}",
+            _here(g),
+            style="bold" if g is r.total else None,
+            end_section=g is r.groups[-1] if r.groups else False,
+        )
+    return t
+
+
+def _here(g: GroupSavings) -> str:
+    """The cost here, flagged when some of the group's models have no measured throughput."""
+    if not g.unmeasured_models:
+        return _usd(g.here_usd)
+    if g.costed_prompt_tokens + g.costed_completion_tokens == 0:
+        return "not costed"
+    return f"{_usd(g.here_usd)} (part)"
+
+
+def _api_tables(r: SavingsReport) -> list[Table]:
+    """The total's comparators, one table per kind as in `cost`, dearest API first."""
+    t = r.total
+    here = _usd(t.here_usd)
+    tokens = f"{t.costed_prompt_tokens:,} in / {t.costed_completion_tokens:,} out"
+    out = []
+    for kind, heading in _KINDS:
+        apis = sorted((a for a in t.apis if a.kind == kind), key=lambda a: -a.usd)
+        if not apis:
+            continue
+        table = Table(
+            title=f"{heading}: the same {tokens} tokens, vs {here} here",
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+        )
+        table.add_column("comparator (price date)", overflow="fold", ratio=1)
+        for col in ("API $/1M in/out", "API $", "saving"):
+            table.add_column(col, justify="right")
+        for a in apis:
+            table.add_row(
+                f"{a.comparator} ({_short_date(a.as_of)})",
+                f"{_num(a.input_per_mtok)}/{_num(a.output_per_mtok)}",
+                _usd(a.usd),
+                _pct(a.savings_pct),
+            )
+        out.append(table)
+    return out
+
+
+_KINDS = (
+    ("frontier closed", "Frontier closed APIs"),
+    ("open-weight", "Hosted open-weight APIs"),
+    ("unknown", "Other APIs"),
+)
+
+
+def _origins(text: str) -> str:
+    """'decode measured by X at T; prefill measured by X at T' -> 'measured by X at T'."""
+    parts = [part.split(" ", 1)[-1] for part in text.split("; ")]
+    return "; ".join(dict.fromkeys(parts))
+
+
+def _group_matrix(r: SavingsReport) -> Table:
+    t = Table(title=f"Per {r.by}: API $ (saving)", title_justify="left")
+    t.add_column(r.by)
+    t.add_column("here $", justify="right")
+    for a in r.total.apis:
+        t.add_column(a.comparator, justify="right", overflow="fold")
+    for g in r.groups:
+        cells = [f"{_usd(a.usd)} ({_pct(a.savings_pct)})" for a in g.apis]
+        t.add_row(g.group, _here(g), *cells)
+    return t
