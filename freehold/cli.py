@@ -593,6 +593,9 @@ def bench(
     calibrate: bool = typer.Option(
         True, "--calibrate/--no-calibrate", help="Size prompts with the server's token counts."
     ),
+    extra_body: str = typer.Option(
+        None, "--extra-body", help="JSON object merged into every request body."
+    ),
     record: bool = typer.Option(True, "--record/--no-record", help="Keep throughput for `cost`."),
 ) -> None:
     """Benchmark the engine on a model (pp/tg tok/s, like llama-bench), or load-test a server
@@ -611,12 +614,12 @@ def bench(
     if engine_model is not None:
         _bench_engine(engine_model, pp, tg, repeats, sequences, threads, json_out, record)
         return
-    target = loadgen.Target(url, model or "", endpoint, api_key, timeout, ignore_eos)
+    extra = loadgen.parse_extra_body(extra_body)
+    target = loadgen.Target(url, model or "", endpoint, api_key, timeout, ignore_eos, extra)
     loadgen.check_target(target)
     if not model:
-        target = loadgen.Target(
-            url, bench_server.discover_model(target), endpoint, api_key, timeout, ignore_eos
-        )
+        name = bench_server.discover_model(target)
+        target = loadgen.Target(url, name, endpoint, api_key, timeout, ignore_eos, extra)
     opts = bench_server.BenchOptions(
         target=target,
         concurrency=loadgen.parse_int_list(concurrency, "--concurrency") if concurrency else None,

@@ -120,7 +120,8 @@ class FakeServer:
             delay = t0 + ttft + k * ITL - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            finish = "length" if k == n - 1 else None
+            last = "stop" if "STOPREQ" in text.split() else "length"
+            finish = last if k == n - 1 else None
             choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
             if chat:
                 choice["delta"] = {"content": f" tok{k}"}
@@ -273,17 +274,36 @@ def test_calibration_sizes_prompts_with_server_token_counts(server: FakeServer) 
     assert s.total_input_tokens == 3 * 40
 
 
-def test_stream_without_usage_fails_clearly(tmp_path: Path) -> None:
+def test_extra_body_reaches_every_request(server: FakeServer) -> None:
+    extra = loadgen.parse_extra_body('{"logit_bias": {"2": -100}, "max_tokens": 3}')
+    target = Target(server.url, "m", extra_body=extra)
+    level = loadgen.run_level(target, loadgen.synthetic_prompts(2, 3, 5), concurrency=1)
+    assert level.summary.completed == 2
+    bodies = [r["body"] for r in server.requests]
+    assert bodies and all(b["logit_bias"] == {"2": -100} for b in bodies)
+    assert all(b["max_tokens"] == 3 for b in bodies)  # the extra body wins
+    for bad in ("[1]", "{nope"):
+        with pytest.raises(InvalidInput, match="--extra-body"):
+            loadgen.parse_extra_body(bad)
+
+
+def test_stream_without_usage(tmp_path: Path) -> None:
+    """No usage chunk (llama-cpp-python's server): a stop for length still counts exactly
+    max_tokens; a stop for any other reason cannot be counted; prompts cannot be sized."""
     with FakeServer(tmp_path / "requests.jsonl", usage=False) as s:
         level = loadgen.run_level(
-            Target(s.url, "m"), loadgen.synthetic_prompts(2, 3, 3), concurrency=1
+            Target(s.url, "m"), loadgen.synthetic_prompts(2, 3, 4), concurrency=1
         )
-        assert level.summary.completed == 0 and level.summary.failed == 2
+        assert level.summary.completed == 2 and level.summary.total_output_tokens == 8
+        assert level.summary.total_input_tokens == 0  # unknown
+        prefill, decode, _ = loadgen.throughput_for_cost([level])
+        assert prefill is None and decode > 0
+        stopped = [loadgen.Prompt(4, text="STOPREQ a b")]
+        level = loadgen.run_level(Target(s.url, "m"), stopped, concurrency=1)
+        assert level.summary.completed == 0 and level.summary.failed == 1
         assert "include_usage" in (level.summary.first_error or "")
-        opts = bench_server.BenchOptions(
-            Target(s.url, "m"), num_prompts=1, output_len=2, calibrate=False
-        )
-        with pytest.raises(InvalidInput, match="no request"):
+        opts = bench_server.BenchOptions(Target(s.url, "m"), num_prompts=1, output_len=2)
+        with pytest.raises(InvalidInput, match="--no-calibrate"):
             bench_server.run_bench(opts, record=False)
 
 

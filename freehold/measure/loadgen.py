@@ -54,6 +54,9 @@ class Target:
     api_key: str | None = None
     timeout_s: float = 600.0
     ignore_eos: bool = True
+    # Merged into every request body: fields a server needs that OpenAI's API lacks, e.g. a
+    # logit_bias that bans EOS where a server has no ignore_eos.
+    extra_body: dict[str, Any] = field(default_factory=dict)
 
     @property
     def request_url(self) -> str:
@@ -184,7 +187,7 @@ def _payload(target: Target, prompt: Prompt) -> dict[str, Any]:
         if prompt.text is None:
             raise InvalidInput("chat messages need --endpoint chat")
         body["prompt"] = prompt.text
-    return body
+    return {**body, **target.extra_body}
 
 
 def _is_token_chunk(choice: dict[str, Any], chat: bool) -> bool:
@@ -205,6 +208,7 @@ async def send_request(
     chat = target.endpoint == "chat"
     body = _payload(target, prompt)
     usage: dict[str, Any] | None = None
+    finish: str | None = None
     first = last = 0.0
     got_token = False
     st = time.perf_counter()
@@ -235,6 +239,8 @@ async def send_request(
                 if isinstance(chunk.get("usage"), dict):
                     usage = chunk["usage"]
                 choices = chunk.get("choices")
+                if choices and isinstance(choices[0], dict):
+                    finish = choices[0].get("finish_reason") or finish
                 if choices and _is_token_chunk(choices[0], chat):
                     if not got_token:
                         got_token, first = True, now
@@ -248,11 +254,19 @@ async def send_request(
         rec.error = "the stream carried no tokens"
         return rec
     rec.ttft, rec.e2e = first - st, last - st
-    if usage is None or not isinstance(usage.get("completion_tokens"), int):
-        rec.error = "no usage in the stream: the server must honour stream_options.include_usage"
+    if usage is not None and isinstance(usage.get("completion_tokens"), int):
+        rec.output_tokens = usage["completion_tokens"]
+        rec.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    elif finish == "length":
+        # No usage (e.g. llama-cpp-python's server), but stopping for length means exactly
+        # max_tokens were generated. The prompt's size stays unknown (0).
+        rec.output_tokens = int(body["max_tokens"])
+    else:
+        rec.error = (
+            "no usage in the stream and the request did not stop at max_tokens, so its tokens "
+            "cannot be counted: the server must honour stream_options.include_usage"
+        )
         return rec
-    rec.output_tokens = usage["completion_tokens"]
-    rec.prompt_tokens = int(usage.get("prompt_tokens") or 0)
     rec.success = True
     return rec
 
@@ -361,6 +375,11 @@ async def calibrate_words(target: Target, input_len: int, seed: int = 0) -> int:
             rec = await send_request(client, target, probe, -1, time.perf_counter())
             if not rec.success:
                 raise InvalidInput(f"cannot reach a working server at {target.url}: {rec.error}")
+            if not rec.prompt_tokens:
+                raise InvalidInput(
+                    f"{target.url} reports no prompt token counts (no streamed usage), so "
+                    "prompts cannot be sized in tokens: use --no-calibrate (--input-len in words)"
+                )
             counts.append(rec.prompt_tokens)
     slope = (counts[1] - counts[0]) / (sizes[1] - sizes[0]) if sizes[1] != sizes[0] else 0.0
     if slope <= 0:
@@ -395,6 +414,19 @@ def run_level(
     return Level(summary, records)
 
 
+def parse_extra_body(text: str | None) -> dict[str, Any]:
+    """`--extra-body '{"logit_bias": {"2": -100}}'`: a JSON object for every request body."""
+    if not text:
+        return {}
+    try:
+        extra = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidInput(f"--extra-body is not valid JSON: {e}") from None
+    if not isinstance(extra, dict):
+        raise InvalidInput("--extra-body must be a JSON object, e.g. '{\"top_k\": 1}'")
+    return extra
+
+
 def parse_int_list(text: str, what: str) -> list[int]:
     """`1,2,4,8` into [1, 2, 4, 8]."""
     try:
@@ -419,7 +451,9 @@ def throughput_for_cost(levels: list[Level]) -> tuple[float | None, float, dict[
     light = min(ok, key=lambda lv: (lv.summary.concurrency or math.inf, lv.summary.rate or 0.0))
     good = [r for r in light.records if r.success and r.ttft]
     ttft_total = sum(r.ttft or 0.0 for r in good)
-    prefill = sum(r.prompt_tokens for r in good) / ttft_total if ttft_total > 0 else None
+    prompt_tokens = sum(r.prompt_tokens for r in good)
+    # Servers that report no usage leave prompt sizes unknown: then there is no prefill rate.
+    prefill = prompt_tokens / ttft_total if ttft_total > 0 and prompt_tokens else None
     detail = {
         "decode_from": best.summary.label,
         "prefill_from": light.summary.label + " (prompt tokens / TTFT, includes HTTP overhead)",
