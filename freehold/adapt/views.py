@@ -73,6 +73,8 @@ def tune_lines(report: TuneReport) -> list[tuple[str, str]]:
         ),
         ("KL from base", f"{report.kl_from_base:.4f} nats/token on the bundled corpus"),
     ]
+    if report.merged:
+        lines.append(("Merged", report.merged))
     for i, ex in enumerate(report.examples, 1):
         lines += [
             (f"Held-out {i}", ex["prompt"]),

@@ -12,30 +12,28 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from freehold.engine.model import available_ram_bytes
 from freehold.engine.scheduler import Engine, EngineConfig
-from freehold.errors import FreeholdError, NotFound
+from freehold.errors import FreeholdError
+from freehold.vault import ModelSpec, resolve_model_spec
 
 
 class InsufficientMemory(FreeholdError):
     """A model does not fit in the memory budget even after unloading every idle model."""
 
 
-def default_resolver(ref: str) -> Path:
-    """Vault names and .gguf paths; falls back to paths alone while the vault is absent."""
-    try:
-        from freehold.vault import resolve_model_path  # type: ignore[attr-defined]
-    except ImportError:
-        resolve_model_path = None
-    if resolve_model_path is not None:
-        return Path(resolve_model_path(ref))
-    p = Path(ref).expanduser()
-    if p.suffix == ".gguf" and p.is_file():
-        return p
-    raise NotFound(f"no model named {ref!r}; give a path to a .gguf file")
+def default_resolver(ref: str) -> ModelSpec:
+    """Vault names, .gguf paths, and BASE+ADAPTER references."""
+    return resolve_model_spec(ref)
+
+
+def _with_adapters(config: EngineConfig | None, spec: ModelSpec) -> EngineConfig | None:
+    if not spec.adapters:
+        return config
+    return replace(config or EngineConfig(), adapters=tuple(str(a) for a in spec.adapters))
 
 
 @dataclass
@@ -58,7 +56,7 @@ class ModelPool:
         budget_bytes: int | None = None,
         keep_alive_s: float = 300.0,
         config: EngineConfig | None = None,
-        resolver: Callable[[str], Path] = default_resolver,
+        resolver: Callable[[str], Path | ModelSpec] = default_resolver,
     ) -> None:
         self.budget_bytes = budget_bytes or int(available_ram_bytes() * 0.75)
         self.keep_alive_s = keep_alive_s
@@ -76,7 +74,8 @@ class ModelPool:
 
     def load(self, ref: str, config: EngineConfig | None = None) -> Future[Engine]:
         """Start loading `ref` in the background (or return the loaded/in-flight one)."""
-        path = self._resolve(ref)  # NotFound raises here, at once
+        resolved = self._resolve(ref)  # NotFound raises here, at once
+        spec = resolved if isinstance(resolved, ModelSpec) else ModelSpec(ref, Path(resolved))
         with self._lock:
             if ref in self._entries:
                 e = self._entries[ref]
@@ -86,7 +85,8 @@ class ModelPool:
                 return done
             fut = self._loading.get(ref)
             if fut is None:
-                fut = self._loader.submit(self._load, ref, path, config or self.config)
+                cfg = _with_adapters(config or self.config, spec)
+                fut = self._loader.submit(self._load, ref, spec.path, cfg)
                 self._loading[ref] = fut
             return fut
 

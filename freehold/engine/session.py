@@ -15,10 +15,15 @@ from freehold.engine.types import Completion, RequestHandle
 def open_engine(
     ref: str, *, n_ctx: int = 4096, n_threads: int | None = None, n_slots: int = 1
 ) -> Engine:
-    """Load a vault name or .gguf path for a single user (one slot unless asked otherwise)."""
-    path = default_resolver(ref)
-    cfg = EngineConfig(n_slots=n_slots, n_ctx_per_slot=n_ctx, n_threads=n_threads)
-    return Engine(path, cfg, name=ref)
+    """Load a vault name, .gguf path or BASE+ADAPTER for a single user (one slot by default)."""
+    spec = default_resolver(ref)
+    cfg = EngineConfig(
+        n_slots=n_slots,
+        n_ctx_per_slot=n_ctx,
+        n_threads=n_threads,
+        adapters=tuple(str(a) for a in spec.adapters),
+    )
+    return Engine(spec.path, cfg, name=ref)
 
 
 def submit_prompt(
