@@ -867,6 +867,7 @@ def tune(
     checkpoint_every: int = typer.Option(20, "--checkpoint-every", help="Steps between saves."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
     seed: int = typer.Option(0, "--seed", help="Seed for the split, order and init."),
+    merge: str = typer.Option(None, "--merge", help="Also store a merged model of this type."),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable report."),
 ) -> None:
     """LoRA fine-tune on a CPU; the adapter goes into the vault as a llama.cpp LoRA GGUF."""
@@ -901,11 +902,38 @@ def tune(
             bar.update(task, completed=p.step, total=p.total_steps, loss=p.loss, tps=p.tokens_per_s)
 
         report = tune_model(vault, model, data, config, name, resume, on_step=on_step)
+    if merge:
+        from freehold.adapt.merge import merge_model
+
+        with Vault() as vault, err_console.status(f"Merging into {merge}…"):
+            merged = merge_model(vault, report.base.ref, report.adapter.ref, merge)
+        report.merged = merged.record.ref
     if json_out:
         _print_json(report.to_dict())
         return
     for key, value in tune_lines(report):
         console.print(f"[bold]{key:>16}[/]  {value}", highlight=False)
+
+
+@app.command("merge")
+def merge_cmd(
+    model: str = typer.Argument(..., help="BASE+ADAPTER from the vault."),
+    to: str = typer.Option("Q8_0", "--to", help="Type of the merged model."),
+    name: str = typer.Option(None, "--name", "-n", help="NAME[:TAG] for the merged model."),
+) -> None:
+    """Merge a LoRA adapter into its base and quantize the result into the vault."""
+    from freehold.adapt.merge import merge_model
+    from freehold.vault import Vault
+
+    base, sep, adapter = model.partition("+")
+    if not sep:
+        raise typer.BadParameter("write BASE+ADAPTER", param_hint="MODEL")
+    with Vault() as vault, err_console.status("Merging…"):
+        merged = merge_model(vault, base, adapter, to, name)
+    console.print(
+        f"[green]stored[/] {merged.record.ref}: {adapter} merged into {base} "
+        f"({merged.changed_tensors} tensors), {merged.record.quantization}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
