@@ -127,13 +127,10 @@ def _collect(handles: list[RequestHandle]) -> list[Completion]:
     return done
 
 
-def _generate(engine: Engine, prompts: list[list[int]], max_tokens: int) -> list[Completion]:
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    return _collect([engine.submit(p, params) for p in prompts])
-
-
 def measure_pp(engine: Engine, n: int, rng: random.Random) -> float:
-    (c,) = _generate(engine, [_random_prompt(engine, n, rng)], 1)
+    """Prefill rate of one `n`-token prompt (one token is generated to end the request)."""
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    (c,) = _collect([engine.submit(_random_prompt(engine, n, rng), params)])
     return c.timings.prefill_tokens_per_s
 
 

@@ -87,8 +87,9 @@ def _throughput(
         which = "decode" if decode_tps is None else "prefill"
         scope = f" for {model}" if model else ""
         raise InvalidInput(
-            f"no {which} throughput measured{scope}: run `freehold bench --url URL --model M` "
-            "first, or pass --prefill-tps and --decode-tps (they will be labelled assumed)"
+            f"no {which} throughput measured{scope}: run `freehold bench MODEL` (or "
+            "`freehold bench --url URL --model M`) first, or pass --prefill-tps and --decode-tps "
+            "(they will be labelled assumed)"
         )
     if prefill_tps <= 0 or decode_tps <= 0:
         raise InvalidInput("--prefill-tps and --decode-tps must be positive")

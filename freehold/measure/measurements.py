@@ -1,6 +1,6 @@
 """Throughput measured on this machine, kept for `freehold cost`.
 
-`freehold bench` (against a server now; the engine micro-benchmark later) calls
+`freehold bench MODEL` (the engine) and `freehold bench --url` (a server) call
 `record_throughput`; `freehold cost` reads the newest record with `latest_throughput`.
 Records are appended one JSON object a line, so concurrent writers never corrupt each other.
 """
