@@ -19,14 +19,13 @@ from __future__ import annotations
 import random
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from freehold.config import Paths
 from freehold.engine import Completion, Engine, EngineConfig, RequestHandle, SamplingParams
 from freehold.errors import FreeholdError, InvalidInput
 from freehold.measure import measurements
-from freehold.measure.lora import apply_adapters
 from freehold.vault import ModelSpec, resolve_model_spec
 
 SOURCE = "freehold bench (engine)"
@@ -158,15 +157,8 @@ def measure_tg(engine: Engine, n: int, sequences: int, rng: random.Random) -> fl
 
 def open_engine(spec: ModelSpec, config: EngineConfig) -> Engine:
     """An engine on `spec`'s base model with its LoRA adapters (if any) applied."""
-    engine = Engine(spec.path, config, name=spec.ref)
-    try:
-        # The engine has no adapter option yet; its context is idle until the first submit,
-        # so setting the adapters on it here cannot race a decode.
-        apply_adapters(engine.model.ptr, engine._ctx, spec.adapters)
-    except BaseException:
-        engine.close()
-        raise
-    return engine
+    adapters = tuple(str(a) for a in spec.adapters)
+    return Engine(spec.path, replace(config, adapters=adapters), name=spec.ref)
 
 
 def bench_config(opts: EngineBenchOptions) -> EngineConfig:

@@ -1,4 +1,8 @@
-"""LoRA adapters on a llama.cpp context: shared by `eval` and the engine benchmark."""
+"""LoRA adapters on `eval`'s raw llama.cpp model and context.
+
+The engine has the same on its `Model` objects (`freehold.engine.adapters.attach_lora`); eval
+loads models without that class (it also needs vocab-only loads), so it keeps this one.
+"""
 
 from __future__ import annotations
 
