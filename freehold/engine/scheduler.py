@@ -20,6 +20,7 @@ import collections
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 _ids = itertools.count(1)
 # Copying another slot's KV costs a whole-stream buffer copy; only worth it for a real prefix.
 _MIN_BORROW = 64
+_KV_TYPES = {"f16": ll.GGML_TYPE_F16, "q8_0": ll.GGML_TYPE_Q8_0}
 
 
 @dataclass
@@ -71,6 +73,7 @@ class EngineConfig:
     # what else is in the batch (greedy output is batch-invariant); it is also faster here.
     flash_attn: bool = True
     kv_unified: bool = False  # one KV stream per slot: also needed for batch-invariant output
+    kv_type: str = "f16"  # KV cache element type: "f16" or "q8_0"
     prefix_cache: bool = True
     adapters: tuple[str, ...] = ()  # LoRA GGUFs applied to every sequence (BASE+ADAPTER)
     ram_fraction: float = 0.25  # share of free RAM the KV cache may take when sizing slots
@@ -156,6 +159,9 @@ class Engine:
         self._n_prompt_computed = 0
         self._n_prompt_cached = 0
         self._fatal: str | None = None
+        # The scheduler re-takes the GIL after every llama_decode; with Python's default 5 ms
+        # switch interval a busy server thread could hold it for most of a decode step.
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
         self._thread = threading.Thread(target=self._run, name=f"engine-{self.name}", daemon=True)
         self._thread.start()
 
@@ -186,6 +192,9 @@ class Engine:
             else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
         p.kv_unified = cfg.kv_unified
+        if cfg.kv_type not in _KV_TYPES:
+            raise InvalidInput(f"kv_type must be one of {sorted(_KV_TYPES)}, got {cfg.kv_type!r}")
+        p.type_k = p.type_v = _KV_TYPES[cfg.kv_type]
         p.swa_full = True  # lets prefix reuse trim a sequence's tail on sliding-window models
         p.no_perf = True
         p.embeddings = False
@@ -319,10 +328,11 @@ class Engine:
     def stats(self) -> EngineStats:
         with self._lock:
             queued = len(self._pending)
+            running = sum(1 for s in self._slots if s.req is not None)
         return EngineStats(
             model=self.name,
             slots=self.n_slots,
-            running=sum(1 for s in self._slots if s.req is not None),
+            running=running,
             queued=queued,
             max_queue=self.config.max_queue,
             n_ctx_per_slot=self.n_ctx_per_slot,
@@ -410,23 +420,20 @@ class Engine:
             free = [s for s in self._slots if s.req is None]
             if not free:
                 return
+            # Pop and place under the lock so stats() never sees a request in neither state.
             with self._lock:
-                if not self._pending:
-                    return
-                if self._worth_waiting(self._pending[0]):
+                if not self._pending or self._worth_waiting(self._pending[0]):
                     return
                 req = self._pending.popleft()
-            if req.handle.cancelled:
-                req.sampler.close()
-                req.handle._push(
-                    Finished(
-                        "cancelled",
-                        Usage(len(req.prompt), 0, 0),
-                        _timings(req, time.perf_counter()),
-                    )
+                if not req.handle.cancelled:
+                    self._place(req, free)
+                    continue
+            req.sampler.close()
+            req.handle._push(
+                Finished(
+                    "cancelled", Usage(len(req.prompt), 0, 0), _timings(req, time.perf_counter())
                 )
-                continue
-            self._place(req, free)
+            )
 
     def _worth_waiting(self, req: _Request) -> bool:
         """True while another slot is still prefilling a long prefix this request shares.
