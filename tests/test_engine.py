@@ -356,6 +356,33 @@ def test_prefix_is_borrowed_from_a_busy_slot(smollm2_path: Path) -> None:
     assert r.text == expected.text
 
 
+def test_gap_between_running_slots_is_closed(smollm2_path: Path) -> None:
+    cfg = EngineConfig(
+        n_slots=3, n_ctx_per_slot=256, n_threads=THREADS, kv_type="q8_0", prefix_cache=False
+    )
+    sp = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    with Engine(smollm2_path, cfg) as eng:
+        expected = eng.complete("Count to twenty:", sp, timeout=T).text
+        first, middle, last = (
+            eng.submit(p, q) for p, q in (("A", long), ("B", long), ("Count to twenty:", sp))
+        )
+        deadline = time.monotonic() + T
+        while eng.stats().running < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert [s.req.handle for s in eng._slots] == [first, middle, last]  # type: ignore[union-attr]
+        middle.cancel()
+        while eng._slots[2].req is not None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        # The last request moved into the gap, so the two left decode as one batch...
+        moved = eng._slots[1].req
+        assert moved is not None and moved.handle is last
+        result = last.result(T)
+        first.cancel()
+    # ...and the move did not change its output.
+    assert result.text == expected
+
+
 def test_simultaneous_requests_share_one_prefill(smollm2_path: Path) -> None:
     system = "You are terse. " + " ".join(f"Policy {i}: refunds take a week." for i in range(40))
     cfg = EngineConfig(n_slots=4, n_ctx_per_slot=512, n_batch=128, n_threads=THREADS)

@@ -205,7 +205,7 @@ class Engine:
                 "lower n_slots or n_ctx_per_slot"
             )
         try:
-            attach_lora(self.model, ctx, cfg.adapters)
+            attach_lora(self.model.ptr, ctx, cfg.adapters, self.model.path.name)
         except BaseException:
             ll.llama_free(ctx)
             raise
@@ -394,6 +394,7 @@ class Engine:
             while not self._closed:
                 self._admit()
                 self._drop_cancelled()
+                self._compact()
                 if not any(s.req for s in self._slots):
                     self._wake.wait(timeout=0.25)
                     self._wake.clear()
@@ -507,6 +508,25 @@ class Engine:
         ll.llama_memory_seq_cp(self._mem, best.id, slot.id, -1, -1)
         slot.tokens = list(best.tokens)
         return best_len
+
+    def _compact(self) -> None:
+        """Close a gap among running slots by moving the last one into it (a KV stream copy).
+
+        Only when nobody waits (a waiting request would fill the gap anyway). The gap's cached
+        prefix is given up; the moved request's numbers are unchanged.
+        """
+        busy = [s for s in self._slots if s.req is not None]
+        if len(busy) < 2 or busy[-1].id - busy[0].id + 1 == len(busy) or self._pending:
+            return
+        hole = next(s for s in self._slots[busy[0].id :] if s.req is None)
+        src = busy[-1]
+        ll.llama_memory_seq_rm(self._mem, hole.id, -1, -1)
+        ll.llama_memory_seq_cp(self._mem, src.id, hole.id, -1, -1)
+        ll.llama_memory_seq_rm(self._mem, src.id, -1, -1)
+        with self._lock:  # stats() must not count the moving request twice
+            hole.tokens, src.tokens = src.tokens, []
+            hole.req, src.req = src.req, None
+        hole.req.slot = hole.id  # type: ignore[union-attr]
 
     def _drop_cancelled(self) -> None:
         for s in self._slots:
