@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from freehold.engine.adapters import attach_lora
 from freehold.errors import FreeholdError, InvalidInput, NotFound
-from freehold.measure.lora import apply_adapters
 from freehold.vault import ModelSpec, resolve_model_spec
 
 ROW_BLOCK = 32  # rows of logits turned to float64 at once: bounds memory for 256k vocabularies
@@ -130,12 +130,8 @@ class _Scorer:
             self.close()
             raise FreeholdError(f"llama.cpp could not make a {ctx}-token context for {path}")
         self.batch = ll.llama_batch_init(ctx, 0, 1)
-        if adapters:
-            self._apply_adapters(adapters)
-
-    def _apply_adapters(self, paths: tuple[Path, ...]) -> None:
         try:
-            apply_adapters(self.model, self.ctx, paths)
+            attach_lora(self.model, self.ctx, adapters, path.name)
         except FreeholdError:
             self.close()
             raise
