@@ -16,7 +16,7 @@ from freehold.engine.chat_template import (
     parse_tool_calls,
 )
 from freehold.engine.model import Model, ModelInfo, physical_cores
-from freehold.engine.residency import ModelPool
+from freehold.engine.residency import InsufficientMemory, ModelPool
 from freehold.engine.sampling import SamplingParams, logit_bias_from_strings
 from freehold.engine.scheduler import Engine, EngineConfig
 from freehold.engine.types import (
@@ -50,6 +50,7 @@ __all__ = [
     "Event",
     "Finished",
     "FinishReason",
+    "InsufficientMemory",
     "Model",
     "ModelInfo",
     "ModelPool",
