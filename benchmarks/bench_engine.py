@@ -12,12 +12,13 @@ decoding, divided by the window's length (prefill excluded). Prints a Markdown t
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import time
 import uuid
 from importlib.resources import files
 from pathlib import Path
+
+from benchmarks.common import machine
 
 THREADS = 2
 REPEATS = int(os.environ.get("FREEHOLD_BENCH_REPEATS", "5"))
@@ -94,20 +95,6 @@ def _system_prompt(engine, target_tokens: int = 1000) -> str:  # noqa: ANN001
     return text
 
 
-def _machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    py = platform.python_version()
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {ram:.0f} GiB RAM, Python {py}"
-
-
 def main() -> None:
     import llama_cpp
 
@@ -165,7 +152,7 @@ def main() -> None:
             f"**{paired('warm', 'cold'):.3f}x** of cold (target <= 0.2x)",
         ),
     ]
-    print(f"Machine: {_machine()}; {THREADS} threads; SmolLM2-135M-Instruct Q4_1.")
+    print(f"Machine: {machine()}; {THREADS} threads; SmolLM2-135M-Instruct Q4_1.")
     print(
         f"Medians of {REPEATS} interleaved repeats (ratios: median of per-repeat ratios); "
         f"load average {load_before:.2f} before, "

@@ -12,11 +12,11 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from freehold.atomic import write_text
 from freehold.config import Paths, paths
 from freehold.errors import InvalidInput
 from freehold.measure.cost import CostInputs
@@ -148,20 +148,6 @@ def _read_settings(p: Paths) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_profile(p: Paths | None = None) -> Profile:
     p = p or paths()
     saved = _read_settings(p).get(SETTINGS_KEY, {}) or {}
@@ -228,5 +214,5 @@ def set_profile(assignments: list[str], p: Paths | None = None) -> Profile:
         else:
             saved[key] = value
     settings[SETTINGS_KEY] = saved
-    _write_atomic(p.settings, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    write_text(p.settings, json.dumps(settings, indent=2, sort_keys=True) + "\n")
     return load_profile(p)

@@ -10,12 +10,11 @@ import base64
 import datetime as dt
 import html
 import io
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from freehold.atomic import write_text
 from freehold.errors import FreeholdError
 from freehold.measure.costing import CostReport
 from freehold.measure.metrics import Summary
@@ -71,15 +70,7 @@ def _page(title: str, parts: list[str]) -> str:
 def write_html(path: Path, text: str) -> Path:
     """Write via a temp file in the same folder, then rename over the target."""
     path = path.expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, text)
     return path
 
 

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import tarfile
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from freehold import __version__
+from freehold.atomic import atomic_write
 from freehold.errors import IntegrityError, InvalidInput, NotFound
 from freehold.vault import licenses
 from freehold.vault.blobs import CHUNK, StagedBlob, check_digest, staged_cleanup
@@ -160,33 +160,23 @@ def export(
             raise IntegrityError(
                 f"blob {b['digest']} is damaged in this vault: run `freehold verify`"
             )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".bundle-", suffix=".partial", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w") as tar:
-            _add_bytes(tar, MANIFEST, manifest_bytes)
-            if key:
-                sig = {
-                    "algorithm": "ed25519",
-                    "public_key": _public_b64(key.public_key()),
-                    "signature": base64.b64encode(key.sign(manifest_bytes)).decode(),
-                }
-                _add_bytes(tar, SIGNATURE, json.dumps(sig).encode())
-            total = sum(b["size"] for b in manifest["blobs"])
-            advance = progress(f"Exporting to {out.name}", total)
-            for b in manifest["blobs"]:
-                path = vault.blobs.path(b["digest"])
-                info = tar.gettarinfo(str(path), arcname=_member_name(b["digest"]))
-                info.mode, info.uid, info.gid, info.uname, info.gname = 0o444, 0, 0, "", ""
-                with open(path, "rb") as f:
-                    tar.addfile(info, _Counting(f, advance))
-            tar.close()
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(out) as raw, tarfile.open(fileobj=raw, mode="w") as tar:
+        _add_bytes(tar, MANIFEST, manifest_bytes)
+        if key:
+            sig = {
+                "algorithm": "ed25519",
+                "public_key": _public_b64(key.public_key()),
+                "signature": base64.b64encode(key.sign(manifest_bytes)).decode(),
+            }
+            _add_bytes(tar, SIGNATURE, json.dumps(sig).encode())
+        total = sum(b["size"] for b in manifest["blobs"])
+        advance = progress(f"Exporting to {out.name}", total)
+        for b in manifest["blobs"]:
+            path = vault.blobs.path(b["digest"])
+            info = tar.gettarinfo(str(path), arcname=_member_name(b["digest"]))
+            info.mode, info.uid, info.gid, info.uname, info.gname = 0o444, 0, 0, "", ""
+            with open(path, "rb") as f:
+                tar.addfile(info, _Counting(f, advance))
     return manifest
 
 
