@@ -20,7 +20,8 @@ from pathlib import Path
 from benchmarks.common import machine
 
 THREADS = int(os.environ.get("FREEHOLD_BENCH_THREADS", "2"))
-TYPES = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0", "IQ4_NL", "Q3_K_M"]
+ALL_TYPES = "F16,Q8_0,Q6_K,Q5_K_M,Q5_0,Q4_K_M,Q4_K_S,Q4_0,IQ4_NL,Q3_K_M"
+TYPES = os.environ.get("FREEHOLD_BENCH_TYPES", ALL_TYPES).split(",")
 DATA = Path(__file__).parent.parent / "tests" / "data" / "verdict.jsonl"
 
 
