@@ -10,12 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import queue
-import threading
 from pathlib import Path
 from typing import Any
 
-_STOP = object()
+from freehold.server.writer import BatchWriter
 
 
 def prompt_digest(prompt: Any) -> str:
@@ -24,7 +22,7 @@ def prompt_digest(prompt: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-class AuditLog:
+class AuditLog(BatchWriter):
     def __init__(self, path: Path, *, log_content: bool = False) -> None:
         self.path = path
         self.log_content = log_content
@@ -32,41 +30,16 @@ class AuditLog:
         # Owner-only: even without content, the log says who used what and when.
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._file = os.fdopen(fd, "a", encoding="utf-8")
-        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._pending = 0
-        self._idle = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="freehold-audit", daemon=True)
-        self._thread.start()
+        super().__init__("freehold-audit")
 
     def write(self, entry: dict[str, Any]) -> None:
         """Queue one entry. Callers add "prompt"/"completion" only when `log_content` is set."""
-        with self._idle:
-            self._pending += 1
-        self._queue.put(entry)
+        self._put(entry)
 
-    def flush(self, timeout: float = 10.0) -> bool:
-        with self._idle:
-            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+    def _write_batch(self, items: list[Any]) -> None:
+        for e in items:
+            self._file.write(json.dumps(e, ensure_ascii=False) + "\n")
+        self._file.flush()
 
-    def close(self) -> None:
-        self._queue.put(_STOP)
-        self._thread.join(timeout=30)
+    def _close_sink(self) -> None:
         self._file.close()
-
-    def _run(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            while True:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            entries = [e for e in batch if e is not _STOP]
-            for e in entries:
-                self._file.write(json.dumps(e, ensure_ascii=False) + "\n")
-            self._file.flush()
-            with self._idle:
-                self._pending -= len(entries)
-                self._idle.notify_all()
-            if len(entries) != len(batch):
-                return

@@ -8,9 +8,7 @@ forward with `PRAGMA user_version`, as the vault's catalog does.
 from __future__ import annotations
 
 import logging
-import queue
 import sqlite3
-import threading
 import time
 from dataclasses import astuple, dataclass
 from datetime import UTC, datetime
@@ -18,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from freehold.errors import InvalidInput
+from freehold.server.writer import BatchWriter
 
 log = logging.getLogger(__name__)
 
@@ -93,53 +92,22 @@ def _migrate(db: sqlite3.Connection) -> None:
         db.execute("COMMIT")
 
 
-_STOP = object()
-
-
-class Ledger:
+class Ledger(BatchWriter):
     """Append-only writer; `record()` never blocks on disk."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db = connect(path)
-        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._pending = 0
-        self._idle = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="freehold-ledger", daemon=True)
-        self._thread.start()
+        super().__init__("freehold-ledger")
 
     def record(self, rec: UsageRecord) -> None:
-        with self._idle:
-            self._pending += 1
-        self._queue.put(rec)
+        self._put(rec)
 
-    def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until everything recorded so far is on disk."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+    def _write_batch(self, items: list[Any]) -> None:
+        self._write([astuple(r) for r in items])
 
-    def close(self) -> None:
-        self._queue.put(_STOP)
-        self._thread.join(timeout=30)
+    def _close_sink(self) -> None:
         self._db.close()
-
-    def _run(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            while True:  # take whatever else is waiting: one transaction per burst
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            stop = _STOP in batch
-            rows = [astuple(r) for r in batch if isinstance(r, UsageRecord)]
-            if rows:
-                self._write(rows)
-            with self._idle:
-                self._pending -= len(rows)
-                self._idle.notify_all()
-            if stop:
-                return
 
     def _write(self, rows: list[tuple]) -> None:
         for attempt in range(3):
