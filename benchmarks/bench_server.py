@@ -39,6 +39,7 @@ THREADS = 2
 SLOTS = 8
 CTX_PER_SLOT = 1024
 PROMPT_WORDS = 48
+MIN_REQUESTS = 8  # per level: one or two 128-token requests alone are too noisy to compare
 SERVER_EXTRAS = ("sse-starlette", "starlette-context", "pydantic-settings", "python-dotenv")
 
 
@@ -185,7 +186,8 @@ def servers(model: Path, work: Path) -> list[Server]:
     return [freehold, llama, lcp]
 
 
-def prompts(n: int) -> list[str]:
+def prompts(n: int, seed: int = 4) -> list[str]:
+    """`n` distinct prompts of PROMPT_WORDS words; another seed gives another set."""
     import random
 
     words = (
@@ -193,7 +195,7 @@ def prompts(n: int) -> list[str]:
         "harbor letter mountain candle bridge orange shadow travel simple yellow morning "
         "hammer island kitchen pocket velvet thunder"
     ).split()
-    rng = random.Random(4)
+    rng = random.Random(seed)
     return [" ".join(rng.choice(words) for _ in range(PROMPT_WORDS)) for _ in range(n)]
 
 
@@ -241,7 +243,9 @@ async def _one(client: httpx.AsyncClient, server: Server, prompt: str) -> tuple[
 async def _level(server: Server, texts: list[str], concurrency: int) -> Result:
     queue = list(texts)
     done: list[tuple[int, float]] = []
-    limits = httpx.Limits(max_connections=concurrency + 2)
+    # A fresh connection per request: llama-server (cpp-httplib) closes a connection after a
+    # few requests, and a pooled one it has just closed fails the next request.
+    limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=600, limits=limits, trust_env=False) as client:
         await _one(client, server, "warm up")  # connection and server warm-up, untimed
 
@@ -270,7 +274,9 @@ def main() -> None:
         runs: dict[tuple[str, int], list[Result]] = {}
         for r in range(repeats):
             for c in CONCURRENCY:
-                texts = prompts(max(per_client * c, 2))
+                # Fresh prompts per level and repeat, the same for each server: a prompt seen
+                # before would be served from a server's prompt cache and skip its prefill.
+                texts = prompts(max(per_client * c, MIN_REQUESTS), seed=1000 * r + c)
                 # Rotate who goes first, so drift on a shared machine favours no one.
                 for s in group[r % len(group) :] + group[: r % len(group)]:
                     runs.setdefault((s.name, c), []).append(asyncio.run(_level(s, texts, c)))
@@ -288,7 +294,8 @@ def _report(
     print(
         f"Model: SmolLM2-135M-Instruct Q4_1; {THREADS} threads, {SLOTS} slots of "
         f"{CTX_PER_SLOT} tokens; streaming /v1/completions, {PROMPT_WORDS}-word prompts, "
-        f"{OUTPUT_TOKENS} output tokens each; {per_client} x concurrency requests (min 2) per "
+        f"{OUTPUT_TOKENS} output tokens each; {per_client} x concurrency requests "
+        f"(min {MIN_REQUESTS}) per "
         "level; "
         f"{repeats} interleaved repeats, medians\n"
     )

@@ -1,8 +1,9 @@
 """The Engine: one llama.cpp context, N sequence slots, and a scheduler thread that owns them.
 
 Continuous batching: between two decode steps requests are admitted into free slots and finished
-ones leave. Every step decodes one token for each generating slot plus, in the room left in the
-batch, the next chunk of any prompt still being prefilled, so long prompts never stall streams.
+ones leave. Every step decodes one token for each generating slot, then up to n_batch tokens of
+the prompts still being prefilled (oldest first, equal chunks in one call), so requests that
+arrive together start together and long prompts never stall streams for more than a chunk.
 Callers only touch thread-safe structures: the admission deque (under a lock) and their
 `RequestHandle`s. Each slot keeps the tokens whose KV it holds after its request ends, so a later
 request sharing a prefix (a system prompt, a few-shot preamble) only computes the rest.
@@ -43,6 +44,7 @@ from freehold.engine.types import (
     EngineStats,
     Finished,
     FinishReason,
+    Outbox,
     QueueFull,
     RequestHandle,
     Timings,
@@ -56,7 +58,7 @@ log = logging.getLogger(__name__)
 
 _ids = itertools.count(1)
 # Copying another slot's KV costs a whole-stream buffer copy; only worth it for a real prefix.
-_MIN_BORROW = 64
+_MIN_BORROW = 16
 _KV_TYPES = {"f16": ll.GGML_TYPE_F16, "q8_0": ll.GGML_TYPE_Q8_0}
 
 
@@ -149,6 +151,7 @@ class Engine:
         self._pending: collections.deque[_Request] = collections.deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._outbox = Outbox()
         self._closed = False
         self._template: ChatTemplate | None = None
         self._template_loaded = False
@@ -240,6 +243,7 @@ class Engine:
         max_new = room if params.max_tokens is None else min(params.max_tokens, room)
         handle = RequestHandle(next(_ids))
         handle._wake = self._wake
+        handle._outbox = self._outbox
         sampler = Sampler(self.model, params, params.resolved_seed())
         handle.seed = sampler.seed
         req = _Request(handle, tokens, params, sampler, StopMatcher(params.stop), max_new)
@@ -396,6 +400,7 @@ class Engine:
                 self._drop_cancelled()
                 self._compact()
                 if not any(s.req for s in self._slots):
+                    self._outbox.flush()
                     self._wake.wait(timeout=0.25)
                     self._wake.clear()
                     continue
@@ -405,6 +410,7 @@ class Engine:
             self._fatal = f"scheduler error: {type(e).__name__}: {e}"
         finally:
             self._fail_all(self._fatal or "the model was unloaded")
+            self._outbox.flush()
 
     def _fail_all(self, why: str) -> None:
         for s in self._slots:
@@ -534,20 +540,40 @@ class Engine:
                 self._finish(s, "cancelled")
 
     def _step(self) -> None:
-        """One scheduling step: a decode pass for every generating stream, then one prompt chunk.
+        """One scheduling step: a decode pass for every generating stream, then prompt chunks.
 
-        The two never share a `llama_decode` call, and a prompt is always cut into the same
-        chunks (n_batch tokens from where its cache ends): llama.cpp picks its attention kernel
-        by the rows per sequence in a call, so this keeps every request's numbers independent of
-        what else is running (greedy output is batch-invariant).
+        Decode rows and prompt chunks never share a `llama_decode` call, and a prompt is always
+        cut into the same chunks (n_batch tokens from where its cache ends): llama.cpp picks its
+        attention kernel by the rows per sequence in a call, so this keeps every request's
+        numbers independent of what else is running (greedy output is batch-invariant).
         """
         live = [s for s in self._slots if s.req is not None]
         decoding = [s for s in live if s.req is not None and s.req.pending_token >= 0]
         if decoding:
             self._decode_pass(decoding)
         prefilling = [s for s in live if s.req is not None and s.req.pos < len(s.req.prompt)]
-        if prefilling:
-            self._prefill_pass(min(prefilling, key=lambda s: s.req.admitted_at))  # type: ignore[union-attr]
+        for group in self._prefill_groups(prefilling):
+            self._prefill_pass(group)
+
+    def _chunk_len(self, r: _Request) -> int:
+        return min(len(r.prompt) - r.pos, self._batch.capacity)
+
+    def _prefill_groups(self, prefilling: list[_Slot]) -> list[list[_Slot]]:
+        """This step's prompt chunks: oldest request first, n_batch tokens in all.
+
+        Chunks of equal length share one call, so that when 8 requests arrive together they all
+        start in the same step. llama.cpp splits a multi-sequence call into equal rows per
+        sequence, so only equal chunks keep each prompt's rows per call what they are alone.
+        """
+        budget = self._batch.capacity
+        groups: dict[int, list[_Slot]] = {}
+        for s in sorted(prefilling, key=lambda s: s.req.admitted_at):  # type: ignore[union-attr]
+            n = self._chunk_len(s.req)  # type: ignore[arg-type]
+            if n <= budget:
+                groups.setdefault(n, []).append(s)
+                budget -= n
+        # Ascending ids: llama.cpp batches consecutive sequence ids into one pass.
+        return [sorted(g, key=lambda s: s.id) for g in groups.values()]
 
     def _decode_pass(self, slots: list[_Slot]) -> None:
         b = self._batch
@@ -563,20 +589,29 @@ class Engine:
             for s in slots:
                 if s.req is not None:
                     self._on_token(s, s.req, now)
+        self._outbox.flush()
 
-    def _prefill_pass(self, s: _Slot) -> None:
-        r = s.req
-        assert r is not None
+    def _prefill_pass(self, slots: list[_Slot]) -> None:
         b = self._batch
         b.clear()
-        chunk = r.prompt[r.pos : r.pos + b.capacity]
-        done = r.pos + len(chunk) == len(r.prompt)
-        r.out_idx = b.add_run(chunk, len(s.tokens), s.id, done)
-        s.tokens.extend(chunk)
-        r.pos += len(chunk)
-        self._n_prompt_computed += len(chunk)
-        if self._decode([s]) and done and s.req is not None:
-            self._on_token(s, r, time.perf_counter())
+        finishing: list[_Slot] = []
+        for s in slots:
+            r = s.req
+            assert r is not None
+            chunk = r.prompt[r.pos : r.pos + self._chunk_len(r)]
+            done = r.pos + len(chunk) == len(r.prompt)
+            r.out_idx = b.add_run(chunk, len(s.tokens), s.id, done)
+            s.tokens.extend(chunk)
+            r.pos += len(chunk)
+            self._n_prompt_computed += len(chunk)
+            if done:
+                finishing.append(s)
+        if self._decode(slots):
+            now = time.perf_counter()
+            for s in finishing:
+                if s.req is not None:
+                    self._on_token(s, s.req, now)
+        self._outbox.flush()
 
     def _decode(self, slots: list[_Slot]) -> bool:
         rc = ll.llama_decode(self._ctx, self._batch.struct())

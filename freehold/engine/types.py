@@ -2,7 +2,8 @@
 
 A `RequestHandle` is filled by the scheduler thread and read by one consumer, either with a plain
 `for event in handle` (blocking, thread-safe) or `async for event in handle` (asyncio-safe: the
-scheduler hands events to the loop with `call_soon_threadsafe`).
+scheduler hands events to the loop with `call_soon_threadsafe`, once per step through an
+`Outbox`).
 """
 
 from __future__ import annotations
@@ -115,6 +116,35 @@ class Completion:
 _END = object()
 
 
+def _deliver(batch: list[tuple[asyncio.Queue[object], object]]) -> None:
+    for q, ev in batch:
+        q.put_nowait(ev)
+
+
+class Outbox:
+    """Events for asyncio consumers, handed to each event loop in one wake-up per step.
+
+    Waking a loop once per token per stream costs a pipe write and a thread switch each; on a
+    machine whose cores run the model's compute threads, those switches stall a decode step.
+    Used by the scheduler thread only: `put` during a step, `flush` after it.
+    """
+
+    def __init__(self) -> None:
+        self._batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[object], object]]]
+        self._batches = {}
+
+    def put(self, loop: asyncio.AbstractEventLoop, q: asyncio.Queue[object], ev: object) -> None:
+        self._batches.setdefault(loop, []).append((q, ev))
+
+    def flush(self) -> None:
+        batches, self._batches = self._batches, {}
+        for loop, batch in batches.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # the consumer's loop is gone; nobody is listening
+                pass
+
+
 class RequestHandle:
     """One submitted request: iterate its events (sync or async), cancel it, or wait for it."""
 
@@ -128,6 +158,7 @@ class RequestHandle:
         self._cancel = threading.Event()
         self._finished: Finished | None = None
         self._wake: threading.Event | None = None  # set by the engine so cancel() wakes it
+        self._outbox: Outbox | None = None  # set by the engine: async events go out per step
         self.seed: int | None = None  # the sampling seed actually used
 
     # -- scheduler side ------------------------------------------------------------------------
@@ -137,10 +168,10 @@ class RequestHandle:
             if isinstance(ev, Finished):
                 self._finished = ev
             if self._loop is not None and self._aqueue is not None:
-                try:
-                    self._loop.call_soon_threadsafe(self._aqueue.put_nowait, ev)
-                except RuntimeError:  # the consumer's loop is gone; nobody is listening
-                    pass
+                outbox = self._outbox or Outbox()
+                outbox.put(self._loop, self._aqueue, ev)
+                if self._outbox is None:
+                    outbox.flush()
             else:
                 self._sync.put(ev)
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.telemetry import TelemetryConfig
 
 from freehold.engine import ModelPool
 from freehold.server import errors
@@ -22,6 +23,14 @@ from freehold.server.registry import ModelRegistry
 from freehold.server.routes import chat, completions, embeddings, models, ops
 from freehold.server.services import Services
 from freehold.server.settings import ServerSettings
+
+_NO_TELEMETRY: TelemetryConfig = {
+    "tracing": False,
+    "metrics": False,
+    "logs": False,
+    "operation_spans": False,
+    "auto_configure": False,
+}
 
 
 def build_services(settings: ServerSettings, pool: ModelPool) -> Services:
@@ -61,9 +70,15 @@ def create_app(settings: ServerSettings, pool: ModelPool, *, close_pool: bool = 
                 pool.close()
 
     # No /docs or /openapi.json: the docs pages pull scripts from a CDN, and nothing here
-    # should make a browser or the server reach beyond this machine.
+    # should make a browser or the server reach beyond this machine. FastAPI's OpenTelemetry
+    # hooks are off too: an environment variable alone could otherwise start an OTLP exporter.
     app = FastAPI(
-        title="Freehold", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+        title="Freehold",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        telemetry=_NO_TELEMETRY,
     )
     app.state.services = services
     errors.install(app)
