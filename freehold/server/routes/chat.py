@@ -11,11 +11,11 @@ from fastapi.responses import JSONResponse, Response
 
 from freehold.engine import Delta, Engine, Finished, TokenLogprob, parse_tool_calls
 from freehold.server.auth import ApiKey
-from freehold.server.errors import APIError, from_engine, sse_error
+from freehold.server.errors import APIError, from_engine
 from freehold.server.protocol import ChatCompletionRequest, ToolChoiceFunction
 from freehold.server.routes.deps import admit, authenticate
 from freehold.server.serving import Choice, Generation, SSEResponse, sampling_params
-from freehold.server.sse import DONE, ChunkWriter
+from freehold.server.sse import ChunkWriter
 
 router = APIRouter()
 
@@ -120,7 +120,7 @@ async def chat_completions(
         writer = ChunkWriter(
             "chat", response_id, ctx.created, req.model, include_usage=include_usage
         )
-        return SSEResponse(_stream(gen, req, writer), gen)
+        return SSEResponse(gen, writer, _chunks(gen, req, writer))
     try:
         await gen.collect(request)
         body = _response(gen, req, response_id)
@@ -164,36 +164,25 @@ def _response(gen: Generation, req: ChatCompletionRequest, response_id: str) -> 
     }
 
 
-async def _stream(
+async def _chunks(
     gen: Generation, req: ChatCompletionRequest, w: ChunkWriter
 ) -> AsyncIterator[bytes]:
     # With tools, a reply is only known to be a call once it is complete, so it is held back
     # and sent as one delta (content or tool_calls) at the end.
     hold = _tools_active(req)
-    try:
-        for c in gen.choices:
-            yield w.role(c.index)
-        async for c, ev in gen.events():
-            if isinstance(ev, Delta):
-                if hold:
-                    continue
-                if ev.text or (req.logprobs and ev.logprobs):
-                    lp = _logprobs_json(list(ev.logprobs)) if req.logprobs else None
-                    yield w.text(c.index, ev.text, lp)
-            else:
-                last = _last_chunks(w, c, ev, req, hold)
-                if last:
-                    yield last
-        gen.raise_errors()
-        if w.include_usage:
-            await gen.close(200)
-            yield w.usage(gen.usage())
-        gen.status = 200
-        yield DONE
-    except APIError as e:
-        gen.status = e.status
-        yield sse_error(e)
-        yield DONE
+    for c in gen.choices:
+        yield w.role(c.index)
+    async for c, ev in gen.events():
+        if isinstance(ev, Delta):
+            if hold:
+                continue
+            if ev.text or (req.logprobs and ev.logprobs):
+                lp = _logprobs_json(list(ev.logprobs)) if req.logprobs else None
+                yield w.text(c.index, ev.text, lp)
+        else:
+            last = _last_chunks(w, c, ev, req, hold)
+            if last:
+                yield last
 
 
 def _last_chunks(

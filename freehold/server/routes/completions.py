@@ -11,11 +11,11 @@ from fastapi.responses import JSONResponse, Response
 
 from freehold.engine import Delta, Engine, RequestHandle, TokenLogprob
 from freehold.server.auth import ApiKey
-from freehold.server.errors import APIError, from_engine, sse_error
+from freehold.server.errors import APIError, from_engine
 from freehold.server.protocol import CompletionRequest
 from freehold.server.routes.deps import admit, authenticate
 from freehold.server.serving import Generation, SSEResponse, sampling_params
-from freehold.server.sse import DONE, ChunkWriter
+from freehold.server.sse import ChunkWriter
 
 router = APIRouter()
 
@@ -74,7 +74,7 @@ async def completions(
         writer = ChunkWriter(
             "text", response_id, ctx.created, req.model, include_usage=include_usage
         )
-        return SSEResponse(_stream(gen, req, writer, echoes), gen)
+        return SSEResponse(gen, writer, _chunks(gen, req, writer, echoes))
     try:
         await gen.collect(request)
         body = _response(gen, req, response_id, echoes)
@@ -116,31 +116,20 @@ def _response(
     }
 
 
-async def _stream(
+async def _chunks(
     gen: Generation, req: CompletionRequest, w: ChunkWriter, echoes: list[str]
 ) -> AsyncIterator[bytes]:
     offsets = [len(echoes[c.group]) for c in gen.choices]
-    try:
-        for c in gen.choices:
-            if echoes[c.group]:
-                yield w.text(c.index, echoes[c.group])
-        async for c, ev in gen.events():
-            if isinstance(ev, Delta):
-                if ev.text or (req.logprobs is not None and ev.logprobs):
-                    lp = None
-                    if req.logprobs is not None:
-                        lp = _logprobs_json(list(ev.logprobs), offsets[c.index], req.logprobs)
-                    offsets[c.index] += len(ev.text)
-                    yield w.text(c.index, ev.text, lp)
-            elif ev.finish_reason not in ("error", "cancelled"):
-                yield w.finish(c.index, ev.finish_reason)
-        gen.raise_errors()
-        if w.include_usage:
-            await gen.close(200)
-            yield w.usage(gen.usage())
-        gen.status = 200
-        yield DONE
-    except APIError as e:
-        gen.status = e.status
-        yield sse_error(e)
-        yield DONE
+    for c in gen.choices:
+        if echoes[c.group]:
+            yield w.text(c.index, echoes[c.group])
+    async for c, ev in gen.events():
+        if isinstance(ev, Delta):
+            if ev.text or (req.logprobs is not None and ev.logprobs):
+                lp = None
+                if req.logprobs is not None:
+                    lp = _logprobs_json(list(ev.logprobs), offsets[c.index], req.logprobs)
+                offsets[c.index] += len(ev.text)
+                yield w.text(c.index, ev.text, lp)
+        elif ev.finish_reason not in ("error", "cancelled"):
+            yield w.finish(c.index, ev.finish_reason)
