@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from freehold.engine import (
@@ -252,6 +252,23 @@ async def _cancel_on_disconnect(request: Request, cancel: Callable[[], None]) ->
         if message["type"] == "http.disconnect":
             cancel()
             return
+
+
+async def json_response(
+    gen: Generation, request: Request, body: Callable[[], dict[str, Any]]
+) -> JSONResponse:
+    """Wait for every choice, then answer `body()` with the usage added; errors become HTTP."""
+    try:
+        await gen.collect(request)
+        out = body()
+        gen.status = 200
+    except Exception as e:
+        err = e if isinstance(e, APIError) else from_engine(e)
+        await gen.close(err.status)
+        raise err from None
+    await gen.close()
+    out["usage"] = gen.usage()
+    return JSONResponse(out)
 
 
 class SSEResponse(StreamingResponse):

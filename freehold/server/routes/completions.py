@@ -7,14 +7,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from freehold.engine import Delta, Engine, RequestHandle, TokenLogprob
 from freehold.server.auth import ApiKey
-from freehold.server.errors import APIError, from_engine
+from freehold.server.errors import APIError
 from freehold.server.protocol import CompletionRequest
 from freehold.server.routes.deps import admit, authenticate
-from freehold.server.serving import Generation, SSEResponse, sampling_params
+from freehold.server.serving import Generation, SSEResponse, json_response, sampling_params
 from freehold.server.sse import ChunkWriter
 
 router = APIRouter()
@@ -75,17 +75,7 @@ async def completions(
             "text", response_id, ctx.created, req.model, include_usage=include_usage
         )
         return SSEResponse(gen, writer, _chunks(gen, req, writer, echoes))
-    try:
-        await gen.collect(request)
-        body = _response(gen, req, response_id, echoes)
-        gen.status = 200
-    except Exception as e:
-        err = e if isinstance(e, APIError) else from_engine(e)
-        await gen.close(err.status)
-        raise err from None
-    await gen.close()
-    body["usage"] = gen.usage()
-    return JSONResponse(body)
+    return await json_response(gen, request, lambda: _response(gen, req, response_id, echoes))
 
 
 def _response(
