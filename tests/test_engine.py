@@ -405,20 +405,19 @@ def test_simultaneous_requests_share_one_prefill(smollm2_path: Path) -> None:
 
 
 def test_prompts_arriving_together_prefill_in_one_step(smollm2_path: Path) -> None:
-    cfg = EngineConfig(n_slots=4, n_ctx_per_slot=256, n_threads=THREADS, prefix_cache=False)
+    cfg = EngineConfig(n_slots=8, n_ctx_per_slot=256, n_threads=THREADS, prefix_cache=False)
     with Engine(smollm2_path, cfg) as eng:
-        texts = ["Rivers run to the sea", "Birds fly south in", "Bread rises when", "Cats sleep"]
-        n = min(len(eng.tokenize(t)) for t in texts)
-        prompts = [eng.tokenize(t)[:n] for t in texts]  # equal lengths: one call for all
+        tokens = [eng.tokenize(p) for p in PROMPTS]
+        n = min(len(t) for t in tokens)
         sp = SamplingParams(temperature=0.0, max_tokens=2)
-        handles = [eng.submit(p, sp) for p in prompts]
+        handles = [eng.submit(t[:n], sp) for t in tokens]  # equal lengths: one call for all
         results = [h.result(T) for h in handles]
     # Requests prefilled by the same llama_decode call get their first token at the same
-    # instant. The scheduler may wake for the first submit alone; the rest share one call,
-    # where a one-prompt-per-step scheduler would give four different instants.
+    # instant. The scheduler may wake before the last submits land, so allow a few calls; a
+    # one-prompt-per-step scheduler gives eight different instants.
     pairs = zip(handles, results, strict=True)
     firsts = {round(h.submitted_at + r.timings.ttft_s, 6) for h, r in pairs}
-    assert len(firsts) <= 2, firsts
+    assert len(firsts) <= 4, firsts
 
 
 def test_chat_uses_the_models_template(engine: Engine) -> None:
