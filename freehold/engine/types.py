@@ -148,7 +148,7 @@ class Outbox:
 class RequestHandle:
     """One submitted request: iterate its events (sync or async), cancel it, or wait for it."""
 
-    def __init__(self, request_id: int) -> None:
+    def __init__(self, request_id: int, wake: threading.Event, outbox: Outbox) -> None:
         self.id = request_id
         self.submitted_at = time.perf_counter()
         self._lock = threading.Lock()
@@ -157,8 +157,8 @@ class RequestHandle:
         self._aqueue: asyncio.Queue[object] | None = None
         self._cancel = threading.Event()
         self._finished: Finished | None = None
-        self._wake: threading.Event | None = None  # set by the engine so cancel() wakes it
-        self._outbox: Outbox | None = None  # set by the engine: async events go out per step
+        self._wake = wake  # the engine's: cancel() wakes its scheduler
+        self._outbox = outbox  # the engine's: async events go out once per step
         self.seed: int | None = None  # the sampling seed actually used
 
     # -- scheduler side ------------------------------------------------------------------------
@@ -168,10 +168,7 @@ class RequestHandle:
             if isinstance(ev, Finished):
                 self._finished = ev
             if self._loop is not None and self._aqueue is not None:
-                outbox = self._outbox or Outbox()
-                outbox.put(self._loop, self._aqueue, ev)
-                if self._outbox is None:
-                    outbox.flush()
+                self._outbox.put(self._loop, self._aqueue, ev)
             else:
                 self._sync.put(ev)
 
@@ -180,8 +177,7 @@ class RequestHandle:
     def cancel(self) -> None:
         """Stop generating; the slot is freed within one decode step. Idempotent."""
         self._cancel.set()
-        if self._wake is not None:
-            self._wake.set()
+        self._wake.set()
 
     @property
     def cancelled(self) -> bool:
