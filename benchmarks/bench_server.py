@@ -198,21 +198,40 @@ def main() -> None:
     # sides of a ratio are measured as close together in time as possible.
     repeats = int(os.environ.get("FREEHOLD_BENCH_REPEATS", "5"))
     per_client = int(os.environ.get("FREEHOLD_BENCH_REQUESTS_PER_CLIENT", "1"))
+    levels = _levels(os.environ.get("FREEHOLD_BENCH_CONCURRENCY", ""))
+    # FREEHOLD_BENCH_SKIP_LCP=1: Freehold and llama-server only (a focused run is twice as long
+    # per level without llama-cpp-python's serialising server).
+    skip_lcp = os.environ.get("FREEHOLD_BENCH_SKIP_LCP") == "1"
     work = Path(tempfile.mkdtemp(prefix="freehold-bench-server-"))
-    group = servers(smollm2_path(), work)
+    group = servers(smollm2_path(), work)[: 2 if skip_lcp else 3]
     with ExitStack() as stack:
         for s in group:
             stack.enter_context(s)
         runs: dict[tuple[str, int], list[Result]] = {}
         for r in range(repeats):
-            for c in CONCURRENCY:
+            for c in levels:
                 # Fresh prompts per level and repeat, the same for each server: a prompt seen
                 # before would be served from a server's prompt cache and skip its prefill.
                 texts = prompts(max(per_client * c, MIN_REQUESTS), seed=1000 * r + c)
                 # Rotate who goes first, so drift on a shared machine favours no one.
                 for s in group[r % len(group) :] + group[: r % len(group)]:
                     runs.setdefault((s.name, c), []).append(asyncio.run(_level(s, texts, c)))
-        _report(group, runs, repeats, per_client)
+        _report(group, runs, repeats, per_client, levels)
+
+
+def _levels(spec: str) -> tuple[int, ...]:
+    """FREEHOLD_BENCH_CONCURRENCY, e.g. "8" or "1,8"; empty means all of CONCURRENCY."""
+    if not spec.strip():
+        return CONCURRENCY
+    try:
+        levels = tuple(int(x) for x in spec.split(","))
+    except ValueError:
+        raise SystemExit(
+            f"FREEHOLD_BENCH_CONCURRENCY must be a comma list of integers, got {spec!r}"
+        ) from None
+    if any(c < 1 for c in levels):
+        raise SystemExit(f"FREEHOLD_BENCH_CONCURRENCY levels must be >= 1, got {spec!r}")
+    return levels
 
 
 def _report(
@@ -220,6 +239,7 @@ def _report(
     runs: dict[tuple[str, int], list[Result]],
     repeats: int,
     per_client: int,
+    levels: tuple[int, ...],
 ) -> None:
     ours, anchor = group[0].name, group[1].name
     print(f"Machine: {machine()}; load average at the end: {os.getloadavg()[0]:.1f}")
@@ -232,36 +252,41 @@ def _report(
         f"{repeats} interleaved repeats, medians\n"
     )
     med = {k: statistics.median(r.tok_s for r in v) for k, v in runs.items()}
-    print("| server | " + " | ".join(f"c={c} tok/s" for c in CONCURRENCY) + " | TTFT c=8 |")
-    print("|---|" + "---|" * (len(CONCURRENCY) + 1))
+    top = max(levels)
+    print("| server | " + " | ".join(f"c={c} tok/s" for c in levels) + f" | TTFT c={top} |")
+    print("|---|" + "---|" * (len(levels) + 1))
     for s in group:
-        cells = [f"{med[(s.name, c)]:.0f}" for c in CONCURRENCY]
-        ttft = statistics.median(t for r in runs[(s.name, 8)] for t in r.ttfts) * 1000
+        cells = [f"{med[(s.name, c)]:.0f}" for c in levels]
+        ttft = statistics.median(t for r in runs[(s.name, top)] for t in r.ttfts) * 1000
         print(f"| {s.name} | " + " | ".join(cells) + f" | {ttft:.0f} ms |")
     # Ratios per repeat (both sides measured back to back), then the median.
-    ratios = {
-        c: statistics.median(
-            a.tok_s / b.tok_s for a, b in zip(runs[(ours, c)], runs[(anchor, c)], strict=True)
-        )
-        for c in CONCURRENCY
+    per_repeat = {
+        c: [a.tok_s / b.tok_s for a, b in zip(runs[(ours, c)], runs[(anchor, c)], strict=True)]
+        for c in levels
     }
     print(
         "\nFreehold / llama-server (median of per-repeat ratios): "
-        + ", ".join(f"c={c}: **{r:.2f}x**" for c, r in ratios.items())
+        + ", ".join(f"c={c}: **{statistics.median(r):.2f}x**" for c, r in per_repeat.items())
         + " (targets: ≥ 0.95x at c=1, ≥ 1.0x at c=8)"
     )
-    lcp = group[2].name
     print(
-        "Freehold / llama-cpp-python server: "
-        + ", ".join(f"c={c}: {med[(ours, c)] / med[(lcp, c)]:.2f}x" for c in CONCURRENCY)
+        f"Per-repeat ratios at c={top}, sorted: "
+        + ", ".join(f"{r:.2f}" for r in sorted(per_repeat[top]))
+        + f" ({sum(r >= 1.0 for r in per_repeat[top])} of {repeats} at or above 1.0)"
     )
+    if len(group) > 2:
+        lcp = group[2].name
+        print(
+            "Freehold / llama-cpp-python server: "
+            + ", ".join(f"c={c}: {med[(ours, c)] / med[(lcp, c)]:.2f}x" for c in levels)
+        )
     raw = "; ".join(
         f"{s.name} c={c}: " + ",".join(f"{r.tok_s:.0f}" for r in runs[(s.name, c)])
         for s in group
-        for c in CONCURRENCY
+        for c in levels
     )
     print(f"\nAll runs (tok/s): {raw}")
-    short = {s.name: sum(r.short for c in CONCURRENCY for r in runs[(s.name, c)]) for s in group}
+    short = {s.name: sum(r.short for c in levels for r in runs[(s.name, c)]) for s in group}
     if any(short.values()):
         print(f"\nRequests that stopped before {OUTPUT_TOKENS} tokens: {short}")
 
