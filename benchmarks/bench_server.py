@@ -24,6 +24,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,72 @@ def llama_server_binary() -> Path:
     return binary
 
 
+# llama-server decodes through llama_process(); this wrapper, preloaded into it, appends each
+# call's seconds to $FREEHOLD_BENCH_DECODE_LOG. Freehold reports the same figure itself
+# (freehold_engine_compute_seconds_total), so both servers' time inside llama.cpp is known.
+DECODE_TIMER_C = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+int32_t llama_process(void *ctx, int type, void *batch) {
+    static int32_t (*real)(void *, int, void *);
+    static FILE *log;
+    if (!real) {
+        real = (int32_t (*)(void *, int, void *))dlsym(RTLD_NEXT, "llama_process");
+        const char *path = getenv("FREEHOLD_BENCH_DECODE_LOG");
+        log = path ? fopen(path, "a") : NULL;
+    }
+    double t0 = now();
+    int32_t rc = real(ctx, type, batch);
+    if (log) {
+        fprintf(log, "%.6f\n", now() - t0);
+        fflush(log);
+    }
+    return rc;
+}
+"""
+
+
+def decode_timer() -> Path:
+    """Compile the llama_process timer once into the cache (a C compiler is already needed)."""
+    lib = cache_dir() / "decode-timer.so"
+    if not lib.is_file():
+        src = cache_dir() / "decode-timer.c"
+        src.write_text(DECODE_TIMER_C)
+        tmp = lib.with_suffix(".so.tmp")
+        subprocess.run(
+            ["cc", "-O2", "-shared", "-fPIC", "-o", str(tmp), str(src), "-ldl"], check=True
+        )
+        tmp.replace(lib)
+    return lib
+
+
+def logged_seconds(path: Path) -> Callable[[], float]:
+    """A probe: total seconds logged so far by the decode timer."""
+    return lambda: sum(map(float, path.read_text().split())) if path.exists() else 0.0
+
+
+def metric_seconds(server: ServerProcess) -> Callable[[], float]:
+    """A probe: Freehold's own count of seconds inside llama_decode, from its /metrics."""
+
+    def probe() -> float:
+        text = httpx.get(server.url + "/metrics", timeout=10, trust_env=False).text
+        prefix = "freehold_engine_compute_seconds_total{"
+        return sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(prefix))
+
+    return probe
+
+
 def llama_cpp_python_site() -> Path:
     """llama-cpp-python's [server] extras in a directory of their own (put on PYTHONPATH)."""
     site = cache_dir() / "llama-cpp-python-server-site"
@@ -91,6 +158,11 @@ def llama_cpp_python_site() -> Path:
 
 def servers(model: Path, work: Path) -> list[ServerProcess]:
     env = {**os.environ, "FREEHOLD_HOME": str(work / "home")}
+    timed = {
+        **os.environ,
+        "LD_PRELOAD": str(decode_timer()),
+        "FREEHOLD_BENCH_DECODE_LOG": str(work / "llama-server.decode"),
+    }
     fport, lport, pport = free_port(), free_port(), free_port()
     freehold = ServerProcess(
         "freehold serve",
@@ -103,7 +175,7 @@ def servers(model: Path, work: Path) -> list[ServerProcess]:
         [str(llama_server_binary()), "-m", str(model), "-t", str(THREADS), "-tb", str(THREADS),
          "--parallel", str(SLOTS), "-c", str(SLOTS * CTX_PER_SLOT), "--host", "127.0.0.1",
          "--port", str(lport), "--no-webui"],
-        lport, work / "llama-server.log", extra_body={"ignore_eos": True},
+        lport, work / "llama-server.log", timed, extra_body={"ignore_eos": True},
     )  # fmt: skip
     penv = {**os.environ, "PYTHONPATH": str(llama_cpp_python_site())}
     lcp = ServerProcess(
@@ -138,6 +210,12 @@ class Result:
     seconds: float
     ttfts: list[float]
     short: int  # requests that returned fewer than OUTPUT_TOKENS
+    compute: float | None = None  # seconds inside llama.cpp's decode during the level
+
+    @property
+    def busy(self) -> float | None:
+        """Share of the level's wall time spent computing in llama.cpp (the rest is overhead)."""
+        return None if self.compute is None else self.compute / self.seconds
 
     @property
     def tok_s(self) -> float:
@@ -173,7 +251,12 @@ async def _one(client: httpx.AsyncClient, server: ServerProcess, prompt: str) ->
     return (usage_tokens if usage_tokens is not None else tokens), ttft or 0.0
 
 
-async def _level(server: ServerProcess, texts: list[str], concurrency: int) -> Result:
+async def _level(
+    server: ServerProcess,
+    texts: list[str],
+    concurrency: int,
+    probe: Callable[[], float] | None = None,
+) -> Result:
     queue = list(texts)
     done: list[tuple[int, float]] = []
     # A fresh connection per request: llama-server (cpp-httplib) closes a connection after a
@@ -186,11 +269,14 @@ async def _level(server: ServerProcess, texts: list[str], concurrency: int) -> R
             while queue:
                 done.append(await _one(client, server, queue.pop()))
 
+        c0 = probe() if probe else None
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - t0
+        compute = probe() - c0 if probe and c0 is not None else None
     tokens = sum(n for n, _ in done)
-    return Result(tokens, seconds, [t for _, t in done], sum(n < OUTPUT_TOKENS for n, _ in done))
+    short = sum(n < OUTPUT_TOKENS for n, _ in done)
+    return Result(tokens, seconds, [t for _, t in done], short, compute)
 
 
 def main() -> None:
@@ -204,6 +290,10 @@ def main() -> None:
     skip_lcp = os.environ.get("FREEHOLD_BENCH_SKIP_LCP") == "1"
     work = Path(tempfile.mkdtemp(prefix="freehold-bench-server-"))
     group = servers(smollm2_path(), work)[: 2 if skip_lcp else 3]
+    probes = {
+        group[0].name: metric_seconds(group[0]),
+        group[1].name: logged_seconds(work / "llama-server.decode"),
+    }
     with ExitStack() as stack:
         for s in group:
             stack.enter_context(s)
@@ -215,8 +305,34 @@ def main() -> None:
                 texts = prompts(max(per_client * c, MIN_REQUESTS), seed=1000 * r + c)
                 # Rotate who goes first, so drift on a shared machine favours no one.
                 for s in group[r % len(group) :] + group[: r % len(group)]:
-                    runs.setdefault((s.name, c), []).append(asyncio.run(_level(s, texts, c)))
+                    result = asyncio.run(_level(s, texts, c, probes.get(s.name)))
+                    runs.setdefault((s.name, c), []).append(result)
         _report(group, runs, repeats, per_client, levels)
+
+
+def _report_compute(
+    runs: dict[tuple[str, int], list[Result]], ours: str, anchor: str, levels: tuple[int, ...]
+) -> None:
+    """Where each level's wall time went: llama.cpp compute versus the server's own overhead.
+
+    Host speed drifts between levels; these shares and per-token compute ratios mostly do not.
+    """
+    print("\n| time inside llama.cpp's decode | " + " | ".join(f"c={c}" for c in levels) + " |")
+    print("|---|" + "---|" * len(levels))
+    for name in (ours, anchor):
+        shares = [statistics.median(r.busy or 0.0 for r in runs[(name, c)]) for c in levels]
+        print(f"| {name} | " + " | ".join(f"{x:.1%}" for x in shares) + " |")
+    per_token = {
+        c: statistics.median(
+            (a.compute or 0.0) / a.tokens / ((b.compute or 1.0) / b.tokens)
+            for a, b in zip(runs[(ours, c)], runs[(anchor, c)], strict=True)
+        )
+        for c in levels
+    }
+    print(
+        "llama.cpp compute per output token, Freehold / llama-server (median of per-repeat "
+        "ratios): " + ", ".join(f"c={c}: {r:.2f}x" for c, r in per_token.items())
+    )
 
 
 def _levels(spec: str) -> tuple[int, ...]:
@@ -274,6 +390,7 @@ def _report(
         + ", ".join(f"{r:.2f}" for r in sorted(per_repeat[top]))
         + f" ({sum(r >= 1.0 for r in per_repeat[top])} of {repeats} at or above 1.0)"
     )
+    _report_compute(runs, ours, anchor, levels)
     if len(group) > 2:
         lcp = group[2].name
         print(

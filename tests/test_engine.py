@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from freehold.engine import (
     SamplingParams,
     parse_tool_calls,
 )
+from freehold.engine.sampling import argmax_bans
 from freehold.errors import InvalidInput
 
 PROMPTS = [
@@ -96,10 +98,13 @@ def test_greedy_matches_llama_cpp_python_without_flash_attention(smollm2_path: P
 
 
 def test_eight_concurrent_greedy_equal_alone(engine: Engine, alone: list[str]) -> None:
+    before, t0 = engine.stats().compute_seconds, time.perf_counter()
     handles = [engine.submit(p, GREEDY) for p in PROMPTS]
     st = engine.stats()
     assert st.running + st.queued == 8
     assert [h.result(T).text for h in handles] == alone
+    # Time inside llama_decode is counted, and can never exceed the wall time it ran in.
+    assert 0.0 < engine.stats().compute_seconds - before < time.perf_counter() - t0
 
 
 def test_staggered_joins_equal_alone(engine: Engine, alone: list[str]) -> None:
@@ -315,6 +320,27 @@ def test_logprobs(engine: Engine) -> None:
         assert lp.top[0].token == lp.token  # greedy picks the most likely token
         assert lp.top[0].logprob >= lp.top[1].logprob >= lp.top[2].logprob
         assert sum(pow(2.718281828, t.logprob) for t in lp.top) <= 1.0 + 1e-6
+
+
+def test_plain_greedy_argmax_equals_llama_cpps_sampler_chain(engine: Engine) -> None:
+    # A plain greedy request takes the argmax straight from the logits row. A zero logit bias
+    # changes no logit but sends the same request through llama.cpp's native sampler chain.
+    msgs = [{"role": "user", "content": "Say hi."}]
+    ends = engine.chat(msgs, SamplingParams(temperature=0.0, max_tokens=48)).result(T)
+    assert ends.finish_reason == "stop"  # so the ban below is exercised: the model wants to end
+    neutral = {ends.tokens[0]: 0.0}
+    banned = {t: -math.inf for t in engine.model.eog_tokens()}
+    reasons = []
+    for extra in ({}, {"ignore_eos": True}, {"logit_bias": banned}):
+        fast = SamplingParams(temperature=0.0, max_tokens=48, **extra)
+        bias = {**extra.get("logit_bias", {}), **neutral}
+        chain = SamplingParams(temperature=0.0, max_tokens=48, **{**extra, "logit_bias": bias})
+        assert argmax_bans(engine.model, fast) is not None
+        assert argmax_bans(engine.model, chain) is None
+        a, b = (engine.chat(msgs, sp).result(T) for sp in (fast, chain))
+        assert a.tokens == b.tokens and a.finish_reason == b.finish_reason
+        reasons.append(a.finish_reason)
+    assert reasons == ["stop", "length", "length"]  # both bans ran past where the model ends
 
 
 def test_prefix_cache_reuses_a_long_system_prompt(engine: Engine) -> None:

@@ -348,8 +348,15 @@ def test_ops_endpoints(server: Running, client: OpenAI) -> None:
         'freehold_generation_tokens_total{model="smollm2"}',
         'freehold_prefix_cache_hit_tokens_total{model="smollm2"}',
         'freehold_model_load_seconds{model="smollm2"}',
+        'freehold_engine_compute_seconds_total{model="smollm2"}',
     ):
         assert name in text, name
+    compute = next(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("freehold_engine_compute_seconds_total{")
+    )
+    assert compute > 0.0  # the two requests above ran through llama_decode
 
 
 def test_curl_sse_framing(server: Running) -> None:

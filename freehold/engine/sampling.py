@@ -1,6 +1,9 @@
 """Per-request sampling parameters and the native llama.cpp sampler chain built from them.
 
 Sampling runs in C (one chain per slot); Python only picks which output row to sample from.
+Plain greedy requests (no grammar, no penalties, no finite logit bias) skip the chain: the
+argmax of the logits row is the token llama.cpp's greedy sampler picks, without copying the
+whole vocabulary into its candidate array for every token.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import llama_cpp as ll
+import numpy as np
 
 from freehold.engine import grammar as _grammar
 from freehold.engine.model import Model
@@ -80,6 +84,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
+    @property
+    def constrained(self) -> bool:
+        """Output must follow a grammar (JSON mode, a JSON schema or raw GBNF)."""
+        return self.json_mode or self.json_schema is not None or self.grammar is not None
+
     def resolved_seed(self) -> int:
         return self.seed if self.seed is not None else secrets.randbelow(2**32 - 1)
 
@@ -88,6 +97,8 @@ class Sampler:
     """A native sampler chain owned by one request. Free it when the request ends."""
 
     def __init__(self, model: Model, params: SamplingParams, seed: int) -> None:
+        self._n_vocab = model.n_vocab
+        self._banned = argmax_bans(model, params)
         cp = ll.llama_sampler_chain_default_params()
         cp.no_perf = True
         self._ptr = ll.llama_sampler_chain_init(cp)
@@ -105,12 +116,47 @@ class Sampler:
 
     def sample(self, ctx: ll.llama_context_p, idx: int) -> int:
         """Sample from output row `idx` of the last decode and accept the token into the chain."""
+        if self._banned is not None:
+            return _argmax(ctx, idx, self._n_vocab, self._banned)
         return ll.llama_sampler_sample(self._ptr, ctx, idx)
 
     def close(self) -> None:
         if self._ptr:
             ll.llama_sampler_free(self._ptr)
             self._ptr = None
+
+
+def argmax_bans(model: Model, p: SamplingParams) -> np.ndarray | None:
+    """The tokens a plain greedy request may never pick, or None when it needs the chain.
+
+    The chain is stateless for such a request (bias, then greedy), so skipping it loses nothing.
+    """
+    if not p.greedy or p.constrained:
+        return None
+    if p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+        return None
+    if any(b != -math.inf for b in p.logit_bias.values()):
+        return None
+    banned = {int(t) for t in p.logit_bias}
+    if p.ignore_eos:
+        banned.update(model.eog_tokens())
+    if any(not 0 <= t < model.n_vocab for t in banned):
+        return None  # let the chain builder report the bad id
+    return np.array(sorted(banned), dtype=np.int64)
+
+
+def _argmax(ctx: ll.llama_context_p, idx: int, n_vocab: int, banned: np.ndarray) -> int:
+    """The first highest logit of row `idx`, banned tokens excluded (llama.cpp's greedy rule)."""
+    ptr = ll.llama_get_logits_ith(ctx, idx)
+    if not ptr:
+        raise RuntimeError(f"llama.cpp has no logits for batch row {idx}")
+    row = np.ctypeslib.as_array(ptr, shape=(n_vocab,))
+    tok = int(row.argmax())
+    if banned.size and tok in banned:
+        masked = row.copy()
+        masked[banned] = -np.inf
+        tok = int(masked.argmax())
+    return tok
 
 
 def _links(model: Model, p: SamplingParams, seed: int) -> list[ll.llama_sampler_p]:

@@ -162,6 +162,7 @@ class Engine:
         self._n_generated = 0
         self._n_prompt_computed = 0
         self._n_prompt_cached = 0
+        self._compute_s = 0.0
         self._fatal: str | None = None
         # The scheduler re-takes the GIL after every llama_decode; with Python's default 5 ms
         # switch interval a busy server thread could hold it for most of a decode step.
@@ -342,6 +343,7 @@ class Engine:
             tokens_generated=self._n_generated,
             prompt_tokens_computed=self._n_prompt_computed,
             prompt_tokens_cached=self._n_prompt_cached,
+            compute_seconds=self._compute_s,
         )
 
     @property
@@ -604,7 +606,9 @@ class Engine:
 
     def _run_batch(self, slots: list[_Slot], sample: list[_Slot]) -> None:
         """Decode the filled batch, pick the next token of `sample`, hand out the events."""
+        t0 = time.perf_counter()
         rc = ll.llama_decode(self._ctx, self._batch.struct())
+        self._compute_s += time.perf_counter() - t0
         if rc != 0:
             self._decode_failed(slots, rc)
         else:

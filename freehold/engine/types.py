@@ -274,3 +274,4 @@ class EngineStats:
     tokens_generated: int
     prompt_tokens_computed: int
     prompt_tokens_cached: int
+    compute_seconds: float = 0.0  # inside llama_decode since load: its rate is how busy it is

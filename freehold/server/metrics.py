@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from freehold.engine import EngineStats, Usage
@@ -30,11 +30,17 @@ class _EngineCollector(Collector):
             "freehold_requests_waiting", "Requests queued for a slot", labels=["model"]
         )
         slots = GaugeMetricFamily("freehold_slots", "Sequence slots", labels=["model"])
+        compute = CounterMetricFamily(
+            "freehold_engine_compute_seconds",
+            "Seconds inside llama.cpp computing batches; its rate is the engine's busy share",
+            labels=["model"],
+        )
         for st in self._stats():
             running.add_metric([st.model], st.running)
             waiting.add_metric([st.model], st.queued)
             slots.add_metric([st.model], st.slots)
-        yield from (running, waiting, slots)
+            compute.add_metric([st.model], st.compute_seconds)
+        yield from (running, waiting, slots, compute)
 
 
 class Metrics:
