@@ -6,9 +6,15 @@ llama-server, a -inf logit bias on the end tokens for llama-cpp-python, which ha
 `ignore_eos`), closed-loop clients at concurrency 1, 2, 4, 8. The three servers run side by
 side in one process tree and the levels are interleaved, so they see the same machine state.
 
+Besides tok/s, each level records how much of its wall time each server spent inside llama.cpp:
+Freehold from its own `freehold_engine_compute_seconds_total`, llama-server through a small
+`llama_process` timer preloaded into it (LD_PRELOAD). Host speed drifts between levels, and
+the compute per output token drifts with it; the share of wall time spent computing does not.
+
 Set up on first run, outside the repository (~/.cache/freehold-bench, or $FREEHOLD_BENCH_CACHE):
 - llama-server, built from the llama.cpp vendored in the llama-cpp-python 0.3.36 sdist
   (`pip download --no-binary`), cmake -DLLAMA_CURL=OFF, target llama-server (several minutes);
+- the llama_process timer, compiled with `cc` (decode-timer.so);
 - llama-cpp-python's server extras (sse-starlette, starlette-context, pydantic-settings,
   python-dotenv) installed with `pip --target` into that cache, never into the project venv.
 """
@@ -315,7 +321,8 @@ def _report_compute(
 ) -> None:
     """Where each level's wall time went: llama.cpp compute versus the server's own overhead.
 
-    Host speed drifts between levels; these shares and per-token compute ratios mostly do not.
+    Host speed drifts between levels, and compute per output token with it (that ratio shows
+    how far the machine moved under a level); the share of time computing stays put.
     """
     print("\n| time inside llama.cpp's decode | " + " | ".join(f"c={c}" for c in levels) + " |")
     print("|---|" + "---|" * len(levels))
