@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.common import ServerProcess, end_token_bias, free_port, machine, smollm2_path
 
@@ -148,8 +149,12 @@ def metric_seconds(server: ServerProcess) -> Callable[[], float]:
 
     def probe() -> float:
         text = httpx.get(server.url + "/metrics", timeout=10, trust_env=False).text
-        prefix = "freehold_engine_compute_seconds_total{"
-        return sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(prefix))
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "freehold_engine_compute_seconds_total"
+        )
 
     return probe
 

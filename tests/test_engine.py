@@ -23,7 +23,7 @@ from freehold.engine import (
     SamplingParams,
     parse_tool_calls,
 )
-from freehold.engine.sampling import argmax_bans
+from freehold.engine.sampling import Sampler
 from freehold.errors import InvalidInput
 
 PROMPTS = [
@@ -335,8 +335,10 @@ def test_plain_greedy_argmax_equals_llama_cpps_sampler_chain(engine: Engine) -> 
         fast = SamplingParams(temperature=0.0, max_tokens=48, **extra)
         bias = {**extra.get("logit_bias", {}), **neutral}
         chain = SamplingParams(temperature=0.0, max_tokens=48, **{**extra, "logit_bias": bias})
-        assert argmax_bans(engine.model, fast) is not None
-        assert argmax_bans(engine.model, chain) is None
+        for sp, native in ((fast, False), (chain, True)):
+            sampler = Sampler(engine.model, sp, seed=0)
+            assert sampler.native is native
+            sampler.close()
         a, b = (engine.chat(msgs, sp).result(T) for sp in (fast, chain))
         assert a.tokens == b.tokens and a.finish_reason == b.finish_reason
         reasons.append(a.finish_reason)

@@ -94,25 +94,30 @@ class SamplingParams:
 
 
 class Sampler:
-    """A native sampler chain owned by one request. Free it when the request ends."""
+    """How one request picks its tokens: a native sampler chain, or for plain greedy requests
+    the argmax of the logits row. Free it when the request ends."""
 
     def __init__(self, model: Model, params: SamplingParams, seed: int) -> None:
-        self._n_vocab = model.n_vocab
-        self._banned = argmax_bans(model, params)
-        cp = ll.llama_sampler_chain_default_params()
-        cp.no_perf = True
-        self._ptr = ll.llama_sampler_chain_init(cp)
         self.seed = seed
-        try:
-            for s in _links(model, params, seed):
-                ll.llama_sampler_chain_add(self._ptr, s)
-        except Exception:
-            self.close()
-            raise
+        self._n_vocab = model.n_vocab
+        bias = _bias(model, params)
+        self._banned = _argmax_bans(params, bias)
+        self._ptr: ll.llama_sampler_p | None = None
+        if self._banned is None:
+            cp = ll.llama_sampler_chain_default_params()
+            cp.no_perf = True
+            self._ptr = ll.llama_sampler_chain_init(cp)
+            try:
+                for s in _links(model, params, bias, seed):
+                    ll.llama_sampler_chain_add(self._ptr, s)
+            except Exception:
+                self.close()
+                raise
 
     @property
-    def ptr(self) -> ll.llama_sampler_p:
-        return self._ptr
+    def native(self) -> bool:
+        """True when llama.cpp's sampler chain picks the tokens."""
+        return self._banned is None
 
     def sample(self, ctx: ll.llama_context_p, idx: int) -> int:
         """Sample from output row `idx` of the last decode and accept the token into the chain."""
@@ -126,7 +131,20 @@ class Sampler:
             self._ptr = None
 
 
-def argmax_bans(model: Model, p: SamplingParams) -> np.ndarray | None:
+def _bias(model: Model, p: SamplingParams) -> dict[int, float]:
+    """The request's logit bias, with `ignore_eos` banning every end token; ids checked."""
+    bias = {int(t): float(b) for t, b in p.logit_bias.items()}
+    if p.ignore_eos:
+        bias.update(dict.fromkeys(model.eog_tokens(), -math.inf))
+    for tok in bias:
+        if not 0 <= tok < model.n_vocab:
+            raise InvalidInput(
+                f"logit_bias token {tok} is outside the vocabulary 0..{model.n_vocab - 1}"
+            )
+    return bias
+
+
+def _argmax_bans(p: SamplingParams, bias: dict[int, float]) -> np.ndarray | None:
     """The tokens a plain greedy request may never pick, or None when it needs the chain.
 
     The chain is stateless for such a request (bias, then greedy), so skipping it loses nothing.
@@ -135,14 +153,9 @@ def argmax_bans(model: Model, p: SamplingParams) -> np.ndarray | None:
         return None
     if p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
         return None
-    if any(b != -math.inf for b in p.logit_bias.values()):
+    if any(b != -math.inf for b in bias.values()):
         return None
-    banned = {int(t) for t in p.logit_bias}
-    if p.ignore_eos:
-        banned.update(model.eog_tokens())
-    if any(not 0 <= t < model.n_vocab for t in banned):
-        return None  # let the chain builder report the bad id
-    return np.array(sorted(banned), dtype=np.int64)
+    return np.array(sorted(bias), dtype=np.int64)
 
 
 def _argmax(ctx: ll.llama_context_p, idx: int, n_vocab: int, banned: np.ndarray) -> int:
@@ -159,23 +172,16 @@ def _argmax(ctx: ll.llama_context_p, idx: int, n_vocab: int, banned: np.ndarray)
     return tok
 
 
-def _links(model: Model, p: SamplingParams, seed: int) -> list[ll.llama_sampler_p]:
+def _links(
+    model: Model, p: SamplingParams, bias: dict[int, float], seed: int
+) -> list[ll.llama_sampler_p]:
     """The chain, in llama.cpp's usual order: bias, grammar, penalties, truncation, temp, pick."""
     links: list[ll.llama_sampler_p] = []
-    bias = dict(p.logit_bias)
-    if p.ignore_eos:
-        for t in model.eog_tokens():
-            bias[t] = -math.inf
     if bias:
-        for tok in bias:
-            if not 0 <= int(tok) < model.n_vocab:
-                raise InvalidInput(
-                    f"logit_bias token {tok} is outside the vocabulary 0..{model.n_vocab - 1}"
-                )
         arr = (ll.llama_logit_bias * len(bias))()
         for i, (tok, b) in enumerate(bias.items()):
-            arr[i].token = int(tok)
-            arr[i].bias = float(b)
+            arr[i].token = tok
+            arr[i].bias = b
         links.append(ll.llama_sampler_init_logit_bias(model.n_vocab, len(bias), arr))
     gbnf = _grammar.gbnf_for(p)
     if gbnf is not None:
