@@ -43,6 +43,14 @@ def _print_json(data: object) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
+_CHAT_TEMPLATE = typer.Option(
+    None,
+    "--chat-template",
+    help="Built-in NAME (chatml, gemma, llama3) or Jinja FILE to chat with instead of the "
+    "model's own template (lets a base model chat).",
+)
+
+
 def _model_json(vault, record) -> dict:  # noqa: ANN001 - vault types imported lazily
     d = record.to_dict()
     d["license_profile"] = vault.license(record).to_dict()
@@ -115,14 +123,16 @@ def list_models(json_out: bool = typer.Option(False, "--json", help="Machine-rea
 def show(
     model: str = typer.Argument(..., help="NAME[:TAG] or alias."),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable."),
+    chat_template: str = _CHAT_TEMPLATE,
 ) -> None:
     """Show a model's facts, provenance, lineage and license terms in plain words."""
     from freehold.vault import Vault
 
     with Vault() as vault:
         r = vault.get(model)
+        template = _template_in_force(vault, r, chat_template)
         if json_out:
-            _print_json(_model_json(vault, r))
+            _print_json({**_model_json(vault, r), "chat_template_in_force": template})
             return
         parents = [m.ref for m in vault.list() if m.digest == r.parent_digest]
         rows = [
@@ -133,7 +143,7 @@ def show(
             ("Quantization", f"{r.quantization}, {r.bits_per_weight} bits per weight"),
             ("Shape", f"{r.layers} layers, embedding {r.embedding_length}, vocab {r.vocab_size}"),
             ("Context", str(r.context_length)),
-            ("Chat template", "yes" if r.has_chat_template else "no (completions only)"),
+            ("Chat template", template),
             ("Source", f"{r.source_kind}: {r.source_location}"),
             ("Original file", str(r.original_filename)),
             ("Upstream revision", str(r.upstream_revision or "unknown")),
@@ -150,6 +160,16 @@ def show(
         console.print()
         for line in vault.license(r).plain_words():
             console.print(f"  {line}", highlight=False)
+
+
+def _template_in_force(vault, r, override: str | None) -> str:  # noqa: ANN001 - lazy types
+    from freehold.engine.chat_template import describe_template
+    from freehold.vault.gguf_meta import chat_template_source
+
+    if r.kind == "adapter" and override is None:
+        return "the base model's (an adapter brings none)"
+    own = chat_template_source(vault.blob_path(r)) if r.has_chat_template else None
+    return describe_template(own, override)
 
 
 @app.command()
@@ -327,6 +347,7 @@ def run(
     json_out: bool = typer.Option(False, "--json", help="Structured result with usage, timings."),
     ctx: int = _RUN_CTX,
     threads: int = _RUN_THREADS,
+    chat_template: str = _CHAT_TEMPLATE,
 ) -> None:
     """Generate a reply to one prompt, streamed to stdout."""
     import json
@@ -336,7 +357,7 @@ def run(
     if prompt is None:
         prompt = sys.stdin.read()
     params = _run_sampling(temperature, top_p, top_k, min_p, seed, max_tokens, stop)
-    with open_engine(model, n_ctx=ctx, n_threads=threads) as engine:
+    with open_engine(model, n_ctx=ctx, n_threads=threads, chat_template=chat_template) as engine:
         handle = submit_prompt(engine, prompt, params, system=system, raw=raw)
         if json_out:
             result = handle.result()
@@ -358,12 +379,13 @@ def chat(
     stop: list[str] = _RUN_STOP,
     ctx: int = _RUN_CTX,
     threads: int = _RUN_THREADS,
+    chat_template: str = _CHAT_TEMPLATE,
 ) -> None:
     """Interactive streaming chat. /reset forgets the conversation, /exit leaves."""
     from freehold.engine.session import ChatSession, open_engine
 
     params = _run_sampling(temperature, top_p, top_k, min_p, seed, max_tokens, stop)
-    with open_engine(model, n_ctx=ctx, n_threads=threads) as engine:
+    with open_engine(model, n_ctx=ctx, n_threads=threads, chat_template=chat_template) as engine:
         session = ChatSession(engine, params, system=system)
         err_console.print(f"[dim]chatting with {model}; /reset to start over, /exit to leave[/]")
         while True:
@@ -408,6 +430,9 @@ def serve(
     max_queue: int = typer.Option(32, "--max-queue", help="Requests waiting per model; then 429."),
     threads: int = typer.Option(None, "--threads", help="CPU threads (default: physical cores)."),
     ctx: int = typer.Option(None, "--ctx", help="Context tokens per slot (default: up to 4096)."),
+    max_tokens: int = typer.Option(
+        None, "--max-tokens", help="Tokens generated when a request sets no limit (default: ctx)."
+    ),
     tls_cert: Path = typer.Option(None, "--tls-cert", help="PEM certificate: serve HTTPS."),
     tls_key: Path = typer.Option(None, "--tls-key", help="PEM private key for --tls-cert."),
     insecure_no_auth: bool = typer.Option(
@@ -419,10 +444,17 @@ def serve(
     drain_timeout: float = typer.Option(
         60.0, "--drain-timeout", help="Seconds to let in-flight requests finish on SIGTERM."
     ),
+    chat_template: str = _CHAT_TEMPLATE,
+    alias: list[str] = typer.Option(
+        [], "--alias", help="NAME=MODEL: answer to another model name too (repeat)."
+    ),
+    store_responses: bool = typer.Option(
+        False, "--store-responses", help="Keep Responses API results sent with store: true."
+    ),
 ) -> None:
-    """Serve models over an OpenAI-compatible HTTP API (chat, completions, embeddings)."""
+    """Serve models over the OpenAI, Anthropic and Ollama APIs (chat, completions, embeddings)."""
     from freehold.server.lifecycle import serve as run_server
-    from freehold.server.settings import ServerSettings
+    from freehold.server.settings import ServerSettings, parse_aliases
 
     settings = ServerSettings(
         host=host,
@@ -432,11 +464,15 @@ def serve(
         max_queue=max_queue,
         threads=threads,
         ctx=ctx,
+        max_tokens=max_tokens,
         insecure_no_auth=insecure_no_auth,
         tls_cert=tls_cert,
         tls_key=tls_key,
         log_content=log_content,
         drain_timeout_s=drain_timeout,
+        chat_template=chat_template,
+        aliases=parse_aliases(alias),
+        store_responses=store_responses,
     )
     run_server(settings, lambda text: console.print(text, highlight=False, markup=False))
 

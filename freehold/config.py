@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from freehold.errors import InvalidInput
 
 
 def default_home() -> Path:
@@ -49,6 +53,11 @@ class Paths:
         return self.home / "keys.db"
 
     @property
+    def responses(self) -> Path:
+        # Responses API results kept with `serve --store-responses` (prompts inside: 0600).
+        return self.home / "responses.db"
+
+    @property
     def audit_log(self) -> Path:
         return self.home / "audit.jsonl"
 
@@ -69,3 +78,14 @@ class Paths:
 
 def paths(home: Path | None = None) -> Paths:
     return Paths(home or default_home())
+
+
+def read_settings(p: Paths) -> dict[str, Any]:
+    """settings.json as a dict (empty when absent); a damaged file is a clear error."""
+    if not p.settings.exists():
+        return {}
+    try:
+        data = json.loads(p.settings.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InvalidInput(f"settings file {p.settings} is not valid JSON ({e}): fix it") from None
+    return data if isinstance(data, dict) else {}

@@ -218,6 +218,23 @@ def test_tool_call_streamed(client: OpenAI) -> None:
     json.loads(calls[0].function.arguments)
 
 
+def test_text_streams_early_with_tools_offered(client: OpenAI) -> None:
+    # Agents (Codex CLI) always send tools: prose must stream as it comes, not at the end.
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=_ask("Name three colours."),
+        tools=TOOLS,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+    )
+    chunks = [ch.choices[0] for ch in stream if ch.choices]
+    texts = [c.delta.content for c in chunks[:-1] if c.delta.content]
+    assert len(texts) >= 4, texts  # token by token, not one delta at the end
+    assert not any(c.delta.tool_calls for c in chunks)
+    assert chunks[-1].finish_reason in ("stop", "length")
+
+
 def test_logprobs(client: OpenAI) -> None:
     r = client.chat.completions.create(
         model=MODEL,

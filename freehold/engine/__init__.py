@@ -10,15 +10,18 @@ Typical use (a server or the CLI)::
 """
 
 from freehold.engine.chat_template import (
+    BUILTIN_TEMPLATES,
     ChatTemplate,
     ChatTemplateError,
     ToolCall,
     parse_tool_calls,
+    template_source,
 )
 from freehold.engine.model import Model, ModelInfo, physical_cores
 from freehold.engine.residency import InsufficientMemory, ModelPool
 from freehold.engine.sampling import SamplingParams, logit_bias_from_strings
 from freehold.engine.scheduler import Engine, EngineConfig
+from freehold.engine.tool_replies import ReplySplitter, split_reply
 from freehold.engine.types import (
     Completion,
     ContextOverflow,
@@ -38,6 +41,7 @@ from freehold.engine.types import (
 )
 
 __all__ = [
+    "BUILTIN_TEMPLATES",
     "ChatTemplate",
     "ChatTemplateError",
     "Completion",
@@ -55,6 +59,7 @@ __all__ = [
     "ModelInfo",
     "ModelPool",
     "QueueFull",
+    "ReplySplitter",
     "RequestHandle",
     "RequestTimeout",
     "SamplingParams",
@@ -66,4 +71,6 @@ __all__ = [
     "logit_bias_from_strings",
     "parse_tool_calls",
     "physical_cores",
+    "split_reply",
+    "template_source",
 ]

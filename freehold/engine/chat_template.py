@@ -1,5 +1,5 @@
 """Render chat messages with the model's own Jinja2 template (transformers' apply_chat_template
-semantics) and parse tool calls back out of generated text.
+semantics) or a built-in one, and parse tool calls back out of generated text.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
+from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 from jinja2 import TemplateError
@@ -140,6 +142,83 @@ def _inline_tool_calls(m: Message) -> Message:
         call = {"name": fn.get("name"), "arguments": args}
         parts.append(f"<tool_call>{json.dumps(call, ensure_ascii=False)}</tool_call>")
     return {**m, "content": (m.get("content") or "") + "".join(parts)}
+
+
+# -- choosing a template ----------------------------------------------------------------------
+
+# Written for Freehold from the published turn formats; see freehold/engine/templates/.
+BUILTIN_TEMPLATES = ("chatml", "gemma", "llama3")
+
+# A conversation every chat format can render, to tell whether two templates agree.
+_PROBE: list[Message] = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "Bye"},
+]
+
+
+def builtin_template(name: str) -> str:
+    """The source of a built-in template; InvalidInput naming the built-ins if there is none."""
+    if name not in BUILTIN_TEMPLATES:
+        raise InvalidInput(f"no built-in chat template {name!r}; built-ins: {_builtin_names()}")
+    return files("freehold.engine").joinpath("templates", f"{name}.jinja").read_text("utf-8")
+
+
+def template_source(name_or_path: str) -> str:
+    """The template source for `--chat-template NAME|FILE`: a built-in name, else a Jinja file.
+
+    A built-in name wins over a file of the same name in the working directory (write ./NAME
+    for the file). A file that does not compile is refused here, before any model loads.
+    """
+    if name_or_path in BUILTIN_TEMPLATES:
+        return builtin_template(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        raise InvalidInput(
+            f"--chat-template {name_or_path!r} is neither a built-in ({_builtin_names()}) "
+            "nor a Jinja template file"
+        )
+    try:
+        source = path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidInput(f"cannot read chat template {path}: {e}") from None
+    try:
+        _env().from_string(source)
+    except TemplateError as e:
+        raise ChatTemplateError(f"chat template {path} does not compile: {e}") from None
+    return source
+
+
+def describe_template(own: str | None, override: str | None = None) -> str:
+    """One line on the template a chat would use: `override` (NAME|FILE) if given, else the
+    model's own source `own`, naming the built-in it renders like when there is one."""
+    if override is not None:
+        size = len(template_source(override))
+        kind = "built-in" if override in BUILTIN_TEMPLATES else "file"
+        return f"{kind} {override} ({size} characters), given by --chat-template"
+    if own is None:
+        return "none: a base model; pass --chat-template NAME to chat with it"
+    twin = _builtin_twin(own)
+    like = f"; renders chat like the built-in {twin}" if twin else ""
+    return f"the model's own ({len(own)} characters{like})"
+
+
+def _builtin_twin(source: str) -> str | None:
+    """The built-in that renders the probe conversation exactly as `source` does, if any."""
+    tokens = {"bos_token": "<BOS>", "eos_token": "<EOS>"}
+    try:
+        own = ChatTemplate(source, **tokens).render(_PROBE)
+    except Exception:  # any failure of the model's template on the probe just means no twin
+        return None
+    for name in BUILTIN_TEMPLATES:
+        if ChatTemplate(builtin_template(name), **tokens).render(_PROBE) == own:
+            return name
+    return None
+
+
+def _builtin_names() -> str:
+    return ", ".join(BUILTIN_TEMPLATES)
 
 
 # -- tool-call parsing -------------------------------------------------------------------------

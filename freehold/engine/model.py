@@ -37,6 +37,27 @@ def ensure_backend() -> None:
             _backend_ready = True
 
 
+def _cpu_has_amx() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_int8" in flags or " amx_tile" in flags
+
+
+def load_params(*, use_mmap: bool = True, vocab_only: bool = False) -> ll.llama_model_params:
+    """How every Freehold model load asks llama.cpp for weights (on the CPU)."""
+    params = ll.llama_model_default_params()
+    params.n_gpu_layers = 0
+    params.use_mmap = use_mmap
+    params.vocab_only = vocab_only
+    # llama.cpp 0.3.36's AMX matmul (an "extra buffer type") crashes on multi-token batches on
+    # CPUs with AMX (seen on Sapphire Rapids Xeons, SIGSEGV in ggml_backend_amx_mul_mat). Elsewhere
+    # the extra types are the weight repacks that speed up Q4_0/Q4_K/Q8_0, so keep them there.
+    params.use_extra_bufts = not _cpu_has_amx()
+    return params
+
+
 def physical_cores() -> int:
     """Physical cores this process may run on (hyperthread siblings counted once)."""
     try:
@@ -89,10 +110,7 @@ class Model:
         if not p.is_file():
             raise NotFound(f"model file {p} does not exist; check the path or the vault name")
         ensure_backend()
-        params = ll.llama_model_default_params()
-        params.n_gpu_layers = 0
-        params.use_mmap = use_mmap
-        ptr = ll.llama_model_load_from_file(str(p).encode(), params)
+        ptr = ll.llama_model_load_from_file(str(p).encode(), load_params(use_mmap=use_mmap))
         if not ptr:
             raise InvalidInput(f"{p} could not be loaded as a GGUF model; is it a valid .gguf?")
         self._ptr = ptr

@@ -74,8 +74,7 @@ class ModelPool:
 
     def load(self, ref: str, config: EngineConfig | None = None) -> Future[Engine]:
         """Start loading `ref` in the background (or return the loaded/in-flight one)."""
-        resolved = self._resolve(ref)  # NotFound raises here, at once
-        spec = resolved if isinstance(resolved, ModelSpec) else ModelSpec(ref, Path(resolved))
+        spec = self.spec(ref)  # NotFound raises here, at once
         with self._lock:
             if ref in self._entries:
                 e = self._entries[ref]
@@ -89,6 +88,11 @@ class ModelPool:
                 fut = self._loader.submit(self._load, ref, spec.path, cfg)
                 self._loading[ref] = fut
             return fut
+
+    def spec(self, ref: str) -> ModelSpec:
+        """What `ref` loads (weights file and adapters), without loading it; NotFound if none."""
+        resolved = self._resolve(ref)
+        return resolved if isinstance(resolved, ModelSpec) else ModelSpec(ref, Path(resolved))
 
     def get(
         self, ref: str, *, timeout: float | None = None, config: EngineConfig | None = None

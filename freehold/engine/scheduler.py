@@ -32,7 +32,12 @@ import numpy as np
 
 from freehold.engine.adapters import attach_lora
 from freehold.engine.batch import Batch
-from freehold.engine.chat_template import ChatTemplate, ChatTemplateError, Message
+from freehold.engine.chat_template import (
+    BUILTIN_TEMPLATES,
+    ChatTemplate,
+    ChatTemplateError,
+    Message,
+)
 from freehold.engine.model import Model, available_ram_bytes, physical_cores
 from freehold.engine.sampling import Sampler, SamplingParams
 from freehold.engine.stops import StopMatcher
@@ -80,6 +85,9 @@ class EngineConfig:
     prefix_cache: bool = True
     adapters: tuple[str, ...] = ()  # LoRA GGUFs applied to every sequence (BASE+ADAPTER)
     ram_fraction: float = 0.25  # share of free RAM the KV cache may take when sizing slots
+    # Jinja source used for chat instead of the model's own (`--chat-template`), e.g. so a base
+    # model without a template can chat. Source text, not a name: resolved once by the caller.
+    chat_template: str | None = None
 
 
 @dataclass
@@ -246,6 +254,7 @@ class Engine:
         handle = RequestHandle(next(_ids), self._wake, self._outbox)
         sampler = Sampler(self.model, params, params.resolved_seed())
         handle.seed = sampler.seed
+        handle.prompt_tokens = len(tokens)
         req = _Request(handle, tokens, params, sampler, StopMatcher(params.stop), max_new)
         with self._lock:
             if len(self._pending) >= self.config.max_queue:
@@ -273,7 +282,7 @@ class Engine:
     @property
     def chat_template(self) -> ChatTemplate | None:
         if not self._template_loaded:
-            src = self.model.chat_template()
+            src = self.config.chat_template or self.model.chat_template()
             if src is not None:
                 self._template = ChatTemplate(
                     src,
@@ -283,6 +292,13 @@ class Engine:
             self._template_loaded = True
         return self._template
 
+    @property
+    def chat_template_origin(self) -> str | None:
+        """Whose template chat uses: "override" (EngineConfig.chat_template), "model", or None."""
+        if self.config.chat_template:
+            return "override"
+        return "model" if self.model.chat_template() is not None else None
+
     def render_chat(
         self,
         messages: list[Message],
@@ -291,12 +307,13 @@ class Engine:
         add_generation_prompt: bool = True,
         **template_kwargs: Any,
     ) -> str:
-        """The prompt text the model's own template makes of `messages`."""
+        """The prompt text the template in force (override, else the model's) makes of them."""
         tmpl = self.chat_template
         if tmpl is None:
             raise ChatTemplateError(
                 f"model {self.name} has no chat template (it is a base model), so it cannot chat; "
-                "send a plain completion instead (e.g. `freehold run --raw`)"
+                f"pass --chat-template NAME ({', '.join(BUILTIN_TEMPLATES)}) or send a plain "
+                "completion instead (e.g. `freehold run --raw`)"
             )
         return tmpl.render(
             messages, add_generation_prompt=add_generation_prompt, tools=tools, **template_kwargs
@@ -310,12 +327,22 @@ class Engine:
         tools: list[dict[str, Any]] | None = None,
         **template_kwargs: Any,
     ) -> RequestHandle:
-        """Render `messages` with the model's template and submit the completion."""
+        """Render `messages` with the template in force and submit the completion."""
+        return self.submit(self.chat_tokens(messages, tools=tools, **template_kwargs), params)
+
+    def chat_tokens(
+        self,
+        messages: list[Message],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        **template_kwargs: Any,
+    ) -> list[int]:
+        """The prompt tokens `chat` submits for `messages` (what a token-counting route counts)."""
         text = self.render_chat(messages, tools=tools, **template_kwargs)
         bos = self.model.token_text(self.model.bos_id) if self.model.add_bos else ""
         # Templates that write the BOS themselves must not get a second one from the tokenizer.
         add_special = not (bos and text.startswith(bos))
-        return self.submit(text, params, add_special=add_special)
+        return self.tokenize(text, add_special=add_special)
 
     def embed(self, texts: list[str], *, normalize: bool = True) -> list[list[float]]:
         """One pooled embedding per text (a separate embeddings context, made on first use)."""
@@ -681,7 +708,7 @@ class Engine:
             s.tokens.clear()
         now = time.perf_counter()
         usage = Usage(len(r.prompt), len(r.generated), r.cached)
-        r.handle._push(Finished(reason, usage, _timings(r, now), error))
+        r.handle._push(Finished(reason, usage, _timings(r, now), error, r.matcher.matched))
 
 
 def _no_timings() -> Timings:

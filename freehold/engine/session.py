@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from freehold.engine.chat_template import ChatTemplateError, Message
+from freehold.engine.chat_template import ChatTemplateError, Message, template_source
 from freehold.engine.residency import default_resolver
 from freehold.engine.sampling import SamplingParams
 from freehold.engine.scheduler import Engine, EngineConfig
@@ -13,15 +13,26 @@ from freehold.engine.types import Completion, RequestHandle
 
 
 def open_engine(
-    ref: str, *, n_ctx: int = 4096, n_threads: int | None = None, n_slots: int = 1
+    ref: str,
+    *,
+    n_ctx: int = 4096,
+    n_threads: int | None = None,
+    n_slots: int = 1,
+    chat_template: str | None = None,
 ) -> Engine:
-    """Load a vault name, .gguf path or BASE+ADAPTER for a single user (one slot by default)."""
+    """Load a vault name, .gguf path or BASE+ADAPTER for a single user (one slot by default).
+
+    `chat_template` is a built-in NAME or a Jinja FILE that replaces the model's own template.
+    """
+    # Resolved first, so a bad name fails before the weights load.
+    source = template_source(chat_template) if chat_template is not None else None
     spec = default_resolver(ref)
     cfg = EngineConfig(
         n_slots=n_slots,
         n_ctx_per_slot=n_ctx,
         n_threads=n_threads,
         adapters=tuple(str(a) for a in spec.adapters),
+        chat_template=source,
     )
     return Engine(spec.path, cfg, name=ref)
 

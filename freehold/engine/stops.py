@@ -16,6 +16,7 @@ class StopMatcher:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text, once stopped
 
     def feed(self, data: bytes) -> str:
         """Add a token's bytes; return the text now safe to emit ('' when all is held back).
@@ -28,8 +29,9 @@ class StopMatcher:
         if not self.stops:
             out, self._held = self._held, ""
             return out
-        cut = self._first_stop(self._held)
-        if cut is not None:
+        found = self._first_stop(self._held)
+        if found is not None:
+            cut, self.matched = found
             self.stopped = True
             out, self._held = self._held[:cut], ""
             return out
@@ -46,12 +48,13 @@ class StopMatcher:
         self._held = ""
         return out
 
-    def _first_stop(self, text: str) -> int | None:
-        best: int | None = None
+    def _first_stop(self, text: str) -> tuple[int, str] | None:
+        """Where the earliest stop string starts in `text`, and which one it is."""
+        best: tuple[int, str] | None = None
         for s in self.stops:
             i = text.find(s)
-            if i >= 0 and (best is None or i < best):
-                best = i
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, s)
         return best
 
     def _partial_suffix(self, text: str) -> int:

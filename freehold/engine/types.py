@@ -95,6 +95,7 @@ class Finished:
     usage: Usage
     timings: Timings
     error: str | None = None
+    stop_string: str | None = None  # the stop string that ended it ("stop" by EOS: None)
 
 
 Event = Delta | Finished
@@ -160,6 +161,7 @@ class RequestHandle:
         self._wake = wake  # the engine's: cancel() wakes its scheduler
         self._outbox = outbox  # the engine's: async events go out once per step
         self.seed: int | None = None  # the sampling seed actually used
+        self.prompt_tokens = 0  # the prompt's length in tokens (known at submit)
 
     # -- scheduler side ------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from freehold.engine.adapters import attach_lora
+from freehold.engine.model import load_params
 from freehold.errors import FreeholdError, InvalidInput, NotFound
 from freehold.vault import ModelSpec, resolve_model_spec
 
@@ -105,10 +106,8 @@ class _Scorer:
         ll = _llama()
         ll.llama_backend_init()
         self.ll = ll
-        mp = ll.llama_model_default_params()
-        mp.n_gpu_layers = 0
-        mp.vocab_only = vocab_only
-        self.model = ll.llama_model_load_from_file(str(path).encode(), mp)
+        params = load_params(vocab_only=vocab_only)
+        self.model = ll.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
             raise InvalidInput(f"{path} could not be loaded as a GGUF model")
         self.vocab = ll.llama_model_get_vocab(self.model)

@@ -14,10 +14,9 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from freehold.atomic import write_text
-from freehold.config import Paths, paths
+from freehold.config import Paths, paths, read_settings
 from freehold.errors import InvalidInput
 from freehold.measure.cost import CostInputs
 
@@ -138,19 +137,9 @@ def detect() -> Machine:
 # ---- persistence ----------------------------------------------------------------------------
 
 
-def _read_settings(p: Paths) -> dict[str, Any]:
-    if not p.settings.exists():
-        return {}
-    try:
-        data = json.loads(p.settings.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InvalidInput(f"settings file {p.settings} is not valid JSON ({e}): fix it") from None
-    return data if isinstance(data, dict) else {}
-
-
 def load_profile(p: Paths | None = None) -> Profile:
     p = p or paths()
-    saved = _read_settings(p).get(SETTINGS_KEY, {}) or {}
+    saved = read_settings(p).get(SETTINGS_KEY, {}) or {}
     values: dict[str, float] = {}
     origin: dict[str, str] = {}
     for key in KEYS:
@@ -206,7 +195,7 @@ def set_profile(assignments: list[str], p: Paths | None = None) -> Profile:
             changes[key] = None
         else:
             changes[key] = parse_value(key, raw)
-    settings = _read_settings(p)
+    settings = read_settings(p)
     saved = dict(settings.get(SETTINGS_KEY, {}) or {})
     for key, value in changes.items():
         if value is None:

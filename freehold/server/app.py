@@ -13,16 +13,21 @@ from fastapi import FastAPI
 from fastapi.telemetry import TelemetryConfig
 
 from freehold.engine import ModelPool
-from freehold.server import errors
+from freehold.server import anthropic, docs, ollama, openai, ops, responses
+from freehold.server.access import authenticate
 from freehold.server.audit import AuditLog
 from freehold.server.auth import KeyStore, RateLimiter
+from freehold.server.door import Door
+from freehold.server.errors import ErrorHandlers
+from freehold.server.generation import GenerationService
 from freehold.server.ledger import Ledger
 from freehold.server.metrics import Metrics
 from freehold.server.middleware import RequestIdAndLimits
 from freehold.server.registry import ModelRegistry
-from freehold.server.routes import chat, completions, embeddings, models, ops
 from freehold.server.services import Services
 from freehold.server.settings import ServerSettings
+
+DOORS: tuple[Door, ...] = (openai.DOOR, responses.DOOR, anthropic.DOOR, ollama.DOOR)
 
 _NO_TELEMETRY: TelemetryConfig = {
     "tracing": False,
@@ -38,7 +43,9 @@ def build_services(settings: ServerSettings, pool: ModelPool) -> Services:
     home.home.mkdir(parents=True, exist_ok=True)
     registry_ref: list[ModelRegistry] = []
     metrics = Metrics(lambda: registry_ref[0].stats() if registry_ref else [])
-    registry = ModelRegistry(pool, list(settings.models), settings.max_queue, metrics)
+    registry = ModelRegistry(
+        pool, list(settings.models), settings.max_queue, metrics, settings.aliases
+    )
     registry_ref.append(registry)
     return Services(
         settings=settings,
@@ -69,9 +76,11 @@ def create_app(settings: ServerSettings, pool: ModelPool, *, close_pool: bool = 
             if close_pool:
                 pool.close()
 
-    # No /docs or /openapi.json: the docs pages pull scripts from a CDN, and nothing here
-    # should make a browser or the server reach beyond this machine. FastAPI's OpenTelemetry
-    # hooks are off too: an environment variable alone could otherwise start an OTLP exporter.
+    # FastAPI's own /docs, /redoc and /openapi.json are off: its docs pages pull scripts from a
+    # CDN, and nothing here should make a browser or the server reach beyond this machine, and
+    # its routes would skip the key check. `docs.router` serves both, behind keys, with Swagger
+    # UI shipped in the package. FastAPI's OpenTelemetry hooks are off too: an environment
+    # variable alone could otherwise start an OTLP exporter.
     app = FastAPI(
         title="Freehold",
         lifespan=lifespan,
@@ -81,8 +90,23 @@ def create_app(settings: ServerSettings, pool: ModelPool, *, close_pool: bool = 
         telemetry=_NO_TELEMETRY,
     )
     app.state.services = services
-    errors.install(app)
-    for module in (chat, completions, embeddings, models, ops):
-        app.include_router(module.router)
-    app.add_middleware(RequestIdAndLimits, max_body_bytes=settings.max_body_bytes)
+    app.state.generation = GenerationService(services)
+    shapes = {
+        prefix: door.render_error
+        for door in DOORS
+        if door.render_error is not None
+        for prefix in door.error_prefixes
+    }
+    handlers = ErrorHandlers(shapes, authenticate)
+    handlers.install(app)
+    for door in DOORS:
+        for router in door.routers:
+            app.include_router(router)
+    app.include_router(ops.router)
+    app.include_router(docs.router)
+    app.add_middleware(
+        RequestIdAndLimits,
+        max_body_bytes=settings.max_body_bytes,
+        render_error=handlers.render_path,
+    )
     return app

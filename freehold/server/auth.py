@@ -9,7 +9,6 @@ take effect at once without a restart.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import secrets
 import sqlite3
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from freehold.db import open_db
 from freehold.errors import InvalidInput, NotFound
 
 PREFIX = "fh-"
@@ -72,27 +72,10 @@ class KeyStore:
     """keys.db: one connection, serialised by a lock (lookups are microseconds)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
-        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        os.chmod(path, 0o600)  # only hashes inside, but who holds keys is nobody else's business
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA busy_timeout=5000")
-        self._migrate()
-
-    def _migrate(self) -> None:
-        version = self.db.execute("PRAGMA user_version").fetchone()[0]
-        for n, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in filter(str.strip, script.split(";")):
-                    self.db.execute(statement)
-                self.db.execute(f"PRAGMA user_version = {n}")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
+        # Only hashes inside, but who holds keys is nobody else's business.
+        self.db = open_db(path, MIGRATIONS, private=True)
 
     def close(self) -> None:
         with self._lock:

@@ -1,13 +1,15 @@
-"""Errors in OpenAI's JSON shape, and the handlers that turn every failure into one.
+"""One error type for every front door, and the handlers that render it in each door's shape.
 
-`{"error": {"message", "type", "param", "code"}}` with the status OpenAI would use: clients
-written for OpenAI (the SDK's typed exceptions, retry logic on 429/503) then work unchanged.
+Code anywhere in a request raises `APIError(status, message)`; the app factory installs the
+handlers with a renderer per path prefix (Anthropic's, Ollama's), OpenAI's shape being the
+default: `{"error": {"message", "type", "param", "code"}}` with the status OpenAI would use, so
+clients written for OpenAI (the SDK's typed exceptions, retry logic on 429/503) work unchanged.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -30,6 +32,14 @@ _TYPES = {
     500: "server_error",
     503: "service_unavailable_error",
 }
+
+
+class UnsupportedParameter(ValueError):
+    """A request field with a value Freehold cannot honour (raised inside pydantic validators)."""
+
+    def __init__(self, param: str, why: str) -> None:
+        super().__init__(why)
+        self.param = param
 
 
 class APIError(Exception):
@@ -85,9 +95,8 @@ def from_engine(e: Exception) -> APIError:
     return APIError(500, "internal server error")
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    from freehold.server.protocol import UnsupportedParameter
-
+def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """A one-line message naming the first bad field, and that field's dotted path."""
     errors = exc.errors()
     if not errors:
         return "invalid request", None
@@ -105,51 +114,61 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param else msg), param
 
 
-async def _on_api_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, APIError)
-    return error_response(exc)
+Renderer = Callable[[APIError], Response]
+Authenticate = Callable[[Request], Any]
 
 
-async def _on_validation(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestValidationError)
-    message, param = _validation_message(exc)
-    return error_response(APIError(400, message, param=param))
+class ErrorHandlers:
+    """Every failure becomes an APIError rendered in the shape of the door it came through."""
 
+    def __init__(self, shapes: dict[str, Renderer], authenticate: Authenticate) -> None:
+        # Longest prefix first, so "/v1/messages" wins over a shorter one.
+        self.shapes = sorted(shapes.items(), key=lambda kv: -len(kv[0]))
+        self.authenticate = authenticate
 
-async def _on_http(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, StarletteHTTPException)
-    if exc.status_code in (404, 405):
-        # Unknown routes need a key too: without one a caller learns nothing, not even 404.
-        from freehold.server.routes.deps import authenticate
+    def render(self, request: Request, err: APIError) -> Response:
+        return self.render_path(request.url.path, err)
 
-        try:
-            authenticate(request)
-        except APIError as denied:
-            return error_response(denied)
-    message = {404: f"no route {request.url.path}", 405: "method not allowed"}.get(
-        exc.status_code, str(exc.detail)
-    )
-    return error_response(APIError(exc.status_code, message, headers=dict(exc.headers or {})))
+    def render_path(self, path: str, err: APIError) -> Response:
+        for prefix, renderer in self.shapes:
+            if path == prefix.rstrip("/") or path.startswith(prefix):
+                return renderer(err)
+        return error_response(err)
 
+    async def on_api_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, APIError)
+        return self.render(request, exc)
 
-async def _on_freehold(request: Request, exc: Exception) -> Response:
-    return error_response(from_engine(exc))
+    async def on_validation(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        message, param = validation_message(exc)
+        return self.render(request, APIError(400, message, param=param))
 
+    async def on_http(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code in (404, 405):
+            # Unknown routes need a key too: without one a caller learns nothing, not even 404.
+            try:
+                self.authenticate(request)
+            except APIError as denied:
+                return self.render(request, denied)
+        message = {404: f"no route {request.url.path}", 405: "method not allowed"}.get(
+            exc.status_code, str(exc.detail)
+        )
+        headers = dict(exc.headers or {})
+        return self.render(request, APIError(exc.status_code, message, headers=headers))
 
-async def _on_crash(request: Request, exc: Exception) -> Response:
-    # The traceback goes to the server log; the client gets no internals.
-    log.error("unhandled error on %s: %s", request.url.path, type(exc).__name__, exc_info=exc)
-    return error_response(APIError(500, "internal server error"))
+    async def on_freehold(self, request: Request, exc: Exception) -> Response:
+        return self.render(request, from_engine(exc))
 
+    async def on_crash(self, request: Request, exc: Exception) -> Response:
+        # The traceback goes to the server log; the client gets no internals.
+        log.error("unhandled error on %s: %s", request.url.path, type(exc).__name__, exc_info=exc)
+        return self.render(request, APIError(500, "internal server error"))
 
-def install(app: FastAPI) -> None:
-    app.add_exception_handler(APIError, _on_api_error)
-    app.add_exception_handler(RequestValidationError, _on_validation)
-    app.add_exception_handler(StarletteHTTPException, _on_http)
-    app.add_exception_handler(FreeholdError, _on_freehold)
-    app.add_exception_handler(Exception, _on_crash)
-
-
-def sse_error(err: APIError) -> bytes:
-    """An error inside a stream that has already started (status 200 is already sent)."""
-    return b"data: " + json.dumps(err.body()).encode() + b"\n\n"
+    def install(self, app: FastAPI) -> None:
+        app.add_exception_handler(APIError, self.on_api_error)
+        app.add_exception_handler(RequestValidationError, self.on_validation)
+        app.add_exception_handler(StarletteHTTPException, self.on_http)
+        app.add_exception_handler(FreeholdError, self.on_freehold)
+        app.add_exception_handler(Exception, self.on_crash)

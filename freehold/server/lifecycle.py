@@ -12,7 +12,8 @@ from types import FrameType
 
 import uvicorn
 
-from freehold.engine import EngineConfig, ModelPool
+from freehold.config import read_settings
+from freehold.engine import EngineConfig, ModelPool, template_source
 from freehold.errors import InvalidInput, NotFound
 from freehold.server.auth import KeyStore
 from freehold.server.services import Services
@@ -63,14 +64,26 @@ def build_pool(settings: ServerSettings, files: dict[str, ModelSpec | Path]) -> 
         except KeyError:
             raise NotFound(f"model {ref!r} is not served here") from None
 
+    # NAME|FILE becomes source text once, here: a bad one fails before the server starts.
+    template = settings.chat_template
     config = EngineConfig(
         n_slots=settings.slots,
         n_threads=settings.threads,
         n_ctx_per_slot=settings.ctx,
         max_queue=settings.max_queue + _ENGINE_QUEUE_HEADROOM,
+        chat_template=template_source(template) if template is not None else None,
     )
     # Served models stay loaded (keep-alive forever) unless memory is needed for another.
     return ModelPool(config=config, keep_alive_s=math.inf, resolver=resolve)
+
+
+def check_aliases(settings: ServerSettings) -> None:
+    for name, target in settings.aliases.items():
+        if target not in settings.models:
+            raise InvalidInput(
+                f"--alias {name}={target}: {target!r} is not served here "
+                f"(served: {', '.join(settings.models)})"
+            )
 
 
 def check_security(settings: ServerSettings) -> bool:
@@ -143,10 +156,12 @@ def serve(settings: ServerSettings, say: Callable[[str], None]) -> None:
     from freehold.server.app import create_app
 
     settings.check()
+    settings.apply_saved(read_settings(settings.home).get("server", {}) or {})
     keys_required = check_security(settings)
     named = bool(settings.models)
     files = choose_models(settings.models, say)
     settings.models = list(files)
+    check_aliases(settings)
     # Named models load at once; from a whole vault, only the first (the rest on demand).
     settings.eager = None if named else settings.models[:1]
     pool = build_pool(settings, files)

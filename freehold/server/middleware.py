@@ -6,13 +6,16 @@
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
+from collections.abc import Callable
 
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from freehold.server.errors import APIError
+
+RenderError = Callable[[str, APIError], Response]  # (path, error) -> the door's error response
 
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -26,9 +29,10 @@ class BodyTooLarge(APIError):
 
 
 class RequestIdAndLimits:
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, render_error: RenderError) -> None:
         self.app = app
         self.max_body = max_body_bytes
+        self.render_error = render_error
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -48,7 +52,7 @@ class RequestIdAndLimits:
 
         length = _content_length(scope)
         if length is not None and length > self.max_body:
-            await _too_large(send_with_id, self.max_body)
+            await self._too_large(scope, receive, send_with_id)
             return
         seen = 0
 
@@ -65,7 +69,12 @@ class RequestIdAndLimits:
             await self.app(scope, counted_receive, send_with_id)
         except BodyTooLarge:
             if not started:
-                await _too_large(send_with_id, self.max_body)
+                await self._too_large(scope, receive, send_with_id)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = self.render_error(scope["path"], BodyTooLarge(self.max_body))
+        response.headers["connection"] = "close"  # the rest of the body is never read
+        await response(scope, receive, send)
 
 
 def _incoming_id(scope: Scope) -> str | None:
@@ -84,19 +93,3 @@ def _content_length(scope: Scope) -> int | None:
             except ValueError:
                 return None
     return None
-
-
-async def _too_large(send: Send, limit: int) -> None:
-    body = json.dumps(BodyTooLarge(limit).body()).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})

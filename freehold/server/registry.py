@@ -29,12 +29,20 @@ class _Model:
 
 
 class ModelRegistry:
-    def __init__(self, pool: ModelPool, ids: list[str], max_queue: int, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        pool: ModelPool,
+        ids: list[str],
+        max_queue: int,
+        metrics: Metrics,
+        aliases: dict[str, str] | None = None,
+    ) -> None:
         self.pool = pool
         self.max_queue = max_queue
         self.metrics = metrics
         now = int(time.time())
         self._models = {i: _Model(i, now) for i in ids}
+        self.aliases = dict(aliases or {})  # client-facing name -> served id (--alias)
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="freehold-warm")
 
     @property
@@ -73,16 +81,32 @@ class ModelRegistry:
     def known(self, model_id: str) -> bool:
         return model_id in self._models
 
+    def resolve(self, name: str) -> str:
+        """The served id a client's model name stands for: itself or an alias; else 404."""
+        if name in self._models:
+            return name
+        target = self.aliases.get(name)
+        if target is not None and target in self._models:
+            return target
+        served = ", ".join(self._models)
+        raise APIError(
+            404,
+            f"the model {name!r} does not exist on this server (served: {served}); map other "
+            "names with `freehold serve --alias NAME=MODEL`",
+            param="model",
+            code="model_not_found",
+        )
+
+    def load(self, model_id: str) -> Future[Engine]:
+        """Start loading a served model unless it is loaded or loading; the load's future.
+
+        For doors whose clients expect a request to wait while its model loads (Ollama's)
+        instead of getting 503 and retrying."""
+        return self._load(self._models[self.resolve(model_id)])
+
     def engine(self, model_id: str) -> Engine:
         """The running engine, or 404 (not served) / 503 (still loading) / 500 (load failed)."""
-        m = self._models.get(model_id)
-        if m is None:
-            raise APIError(
-                404,
-                f"the model {model_id!r} does not exist on this server; GET /v1/models lists them",
-                param="model",
-                code="model_not_found",
-            )
+        m = self._models[self.resolve(model_id)]
         fut = self._load(m)
         if not fut.done():
             self.metrics.rejected.labels(model_id, "loading").inc()

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from freehold.db import migrate
 from freehold.errors import InvalidInput, NotFound
 
 DEFAULT_TAG = "latest"
@@ -168,18 +169,10 @@ class Catalog:
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA foreign_keys = ON")
         self.db.execute("PRAGMA journal_mode = WAL")
-        self._migrate()
+        migrate(self.db, MIGRATIONS)
 
     def close(self) -> None:
         self.db.close()
-
-    def _migrate(self) -> None:
-        version = self.db.execute("PRAGMA user_version").fetchone()[0]
-        for n, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            with self.transaction():
-                for statement in filter(str.strip, script.split(";")):
-                    self.db.execute(statement)
-                self.db.execute(f"PRAGMA user_version = {n}")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

@@ -281,3 +281,9 @@ def read_info(path: Path, label: str | None = None) -> GGUFInfo:
         organization=meta.get("general.organization"),
         tensor_types=counts,
     )
+
+
+def chat_template_source(path: Path) -> str | None:
+    """The GGUF's own chat template (None for a base model), read from its header alone."""
+    source = read_header(path)[0].get("tokenizer.chat_template")
+    return source if isinstance(source, str) else None

@@ -8,7 +8,12 @@ tokens per second on a small CPU.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+from freehold.server.errors import APIError
+
+if TYPE_CHECKING:
+    from freehold.server.generation import Generation
 
 DONE = b"data: [DONE]\n\n"
 
@@ -73,6 +78,22 @@ class ChunkWriter:
         else:
             body = f'"text":"","logprobs":null,"finish_reason":"{reason}"'
         return self._choice(index, body)
+
+    def tail(self, gen: Generation) -> bytes:
+        """After the last choice: the usage chunk when asked for, then [DONE]."""
+        if not self.include_usage:
+            return DONE
+        usage = {
+            "prompt_tokens": gen.prompt_tokens,
+            "completion_tokens": gen.completion_tokens,
+            "total_tokens": gen.prompt_tokens + gen.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": gen.cached_tokens},
+        }
+        return self.usage(usage) + DONE
+
+    def error(self, err: APIError) -> bytes:
+        """A failure after the stream started (status 200 is long sent): an error event."""
+        return b"data: " + json.dumps(err.body()).encode() + b"\n\n" + DONE
 
     def usage(self, usage: dict[str, Any]) -> bytes:
         return event(

@@ -6,8 +6,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from freehold.server.access import authenticate
 from freehold.server.auth import ApiKey
-from freehold.server.routes.deps import authenticate
 from freehold.server.services import services
 
 router = APIRouter()

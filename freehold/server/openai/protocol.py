@@ -1,4 +1,5 @@
-"""OpenAI-compatible request schemas (pydantic) for the endpoints Freehold serves.
+"""OpenAI's chat, completions, embeddings and models APIs: request and response models
+(pydantic), and each request's conversion to engine parameters (`to_sampling_params`).
 
 Unknown fields are rejected (extra="forbid"), and fields OpenAI defines that Freehold cannot
 honour are declared here only so that a non-default value is refused with a 400 naming it,
@@ -10,6 +11,11 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from freehold.engine import SamplingParams, logit_bias_from_strings
+from freehold.server.errors import UnsupportedParameter
+
+_SEED_MOD = 2**32 - 1
 
 # Known OpenAI parameters Freehold cannot honour, with the values that are harmless to accept.
 _UNSUPPORTED_CHAT: dict[str, tuple[Any, ...]] = {
@@ -28,14 +34,6 @@ _UNSUPPORTED_CHAT: dict[str, tuple[Any, ...]] = {
     "safety_identifier": (None,),
 }
 _UNSUPPORTED_COMPLETION: dict[str, tuple[Any, ...]] = {"suffix": (None,)}
-
-
-class UnsupportedParameter(ValueError):
-    """A known OpenAI parameter with a value Freehold cannot honour."""
-
-    def __init__(self, param: str, why: str) -> None:
-        super().__init__(why)
-        self.param = param
 
 
 class _Strict(BaseModel):
@@ -145,6 +143,36 @@ class _Sampling(_Strict):
     repeat_penalty: float | None = Field(default=None, gt=0.0)
     ignore_eos: bool = False
 
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def _params(self, index: int, **extra: Any) -> SamplingParams:
+        """Engine parameters for choice `index`; unset fields keep the engine's (llama.cpp's)
+        defaults. With a seed, choice i uses seed + i, so n > 1 choices differ reproducibly.
+        `extra`: the logprobs and grammar settings each endpoint decides."""
+        d = SamplingParams()
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            max_tokens=self.token_limit,
+            temperature=d.temperature if self.temperature is None else self.temperature,
+            top_p=d.top_p if self.top_p is None else self.top_p,
+            top_k=d.top_k if self.top_k is None else self.top_k,
+            min_p=d.min_p if self.min_p is None else self.min_p,
+            repeat_penalty=d.repeat_penalty if self.repeat_penalty is None else self.repeat_penalty,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=logit_bias_from_strings(self.logit_bias),
+            seed=None if self.seed is None else (self.seed + index) % _SEED_MOD,
+            stop=stop,
+            ignore_eos=self.ignore_eos,
+            **extra,
+        )
+
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> _Sampling:
         if self.stream_options is not None and not self.stream:
@@ -211,6 +239,71 @@ class ChatCompletionRequest(_Sampling):
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    @property
+    def tools_active(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def tool_names(self) -> frozenset[str]:
+        """The tools a reply may call (none when tool_choice is "none")."""
+        tools = self.tools if self.tools_active else None
+        return frozenset(t.function.name for t in tools or [])
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.for_template() for m in self.messages]
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools the model is told about (none when tool_choice is "none")."""
+        if not self.tools_active:
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools or []]
+
+    def forced_tools(self) -> list[Tool]:
+        tools = self.tools or []
+        if self.tool_choice == "required":
+            return list(tools)
+        if isinstance(self.tool_choice, ToolChoiceFunction):
+            return [t for t in tools if t.function.name == self.tool_choice.function.name]
+        return []
+
+    def constraint(self) -> dict[str, Any]:
+        """Grammar-constrained output for response_format and forced tool calls."""
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            return {"json_mode": True}
+        if rf is not None and rf.type == "json_schema" and rf.json_schema is not None:
+            schema = rf.json_schema.schema_
+            return {"json_schema": schema} if schema else {"json_mode": True}
+        forced = self.forced_tools()
+        if forced:
+            return {"json_schema": tool_call_schema([t.function for t in forced])}
+        return {}
+
+    def to_sampling_params(self, index: int = 0) -> SamplingParams:
+        return self._params(
+            index,
+            logprobs=self.logprobs,
+            top_logprobs=self.top_logprobs or 0,
+            **self.constraint(),
+        )
+
+
+def tool_call_schema(functions: list[FunctionDef]) -> dict[str, Any]:
+    """JSON Schema for one call `{"name": ..., "arguments": {...}}` to one of `functions`: the
+    grammar a forced tool choice constrains the model's reply to."""
+    options = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": f.name},
+                "arguments": f.parameters or {"type": "object"},
+            },
+            "required": ["name", "arguments"],
+        }
+        for f in functions
+    ]
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
 
 Prompt = str | list[str] | list[int] | list[list[int]]
 
@@ -246,6 +339,10 @@ class CompletionRequest(_Sampling):
         # The legacy endpoint's documented default is 16 tokens.
         return 16 if self.max_tokens is None else self.max_tokens
 
+    def to_sampling_params(self, index: int = 0) -> SamplingParams:
+        want = self.logprobs is not None
+        return self._params(index, logprobs=want, top_logprobs=self.logprobs or 0)
+
     def prompts(self) -> list[str | list[int]]:
         """The prompt field as a list of prompts (text or token ids)."""
         p = self.prompt
@@ -279,3 +376,137 @@ class EmbeddingRequest(_Strict):
 
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)  # type: ignore[arg-type]
+
+
+# -- responses -------------------------------------------------------------------------------
+
+
+class _Out(BaseModel):
+    """Response models: built by Freehold, so no validation of their own fields is needed."""
+
+
+class PromptTokensDetails(_Out):
+    cached_tokens: int
+
+
+class Usage(_Out):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+    @classmethod
+    def of(cls, prompt: int, completion: int, cached: int | None = None) -> Usage:
+        details = None if cached is None else PromptTokensDetails(cached_tokens=cached)
+        return cls(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=details,
+        )
+
+
+class FunctionCall(_Out):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallOut(_Out):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class TopLogprobOut(_Out):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobOut(TopLogprobOut):
+    top_logprobs: list[TopLogprobOut]
+
+
+class ChoiceLogprobs(_Out):
+    content: list[TokenLogprobOut]
+    refusal: None = None
+
+
+class AssistantMessage(_Out):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: None = None
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class ChatChoice(_Out):
+    index: int
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str
+
+
+class ChatCompletion(_Out):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: None = None
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionLogprobs(_Out):
+    """The legacy completions shape: parallel lists per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
+class CompletionChoice(_Out):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str
+
+
+class Completion(_Out):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: None = None
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class EmbeddingData(_Out):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # str: base64 of little-endian float32
+
+
+class EmbeddingUsage(_Out):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(_Out):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
+
+
+class ModelCard(_Out):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "freehold"
+
+
+class ModelList(_Out):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
