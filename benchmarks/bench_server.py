@@ -39,6 +39,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.common import ServerProcess, end_token_bias, free_port, machine, smollm2_path
+from freehold.engine.model import cpu_has_amx
 
 LLAMA_CPP_PYTHON = "0.3.36"
 CONCURRENCY = (1, 2, 4, 8)
@@ -185,7 +186,9 @@ def servers(model: Path, work: Path) -> list[ServerProcess]:
         "llama.cpp llama-server",
         [str(llama_server_binary()), "-m", str(model), "-t", str(THREADS), "-tb", str(THREADS),
          "--parallel", str(SLOTS), "-c", str(SLOTS * CTX_PER_SLOT), "--host", "127.0.0.1",
-         "--port", str(lport), "--no-webui"],
+         "--port", str(lport), "--no-webui",
+         # The same weights layout as Freehold's engine on AMX CPUs (see engine/model.py).
+         *(["--no-repack"] if cpu_has_amx() else [])],
         lport, work / "llama-server.log", timed, extra_body={"ignore_eos": True},
     )  # fmt: skip
     penv = {**os.environ, "PYTHONPATH": str(llama_cpp_python_site())}

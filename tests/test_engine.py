@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from llama_reference import reference_llama
 
 from freehold.engine import (
     ContextOverflow,
@@ -59,10 +60,8 @@ def alone(engine: Engine) -> list[str]:
 
 
 def _llama_greedy(path: Path, prompts: list[str], flash_attn: bool) -> list[str]:
-    from llama_cpp import Llama
-
-    llm = Llama(
-        str(path),
+    llm = reference_llama(
+        path,
         n_ctx=512,
         n_threads=THREADS,
         n_threads_batch=THREADS,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from llama_reference import reference_llama
 from typer.testing import CliRunner
 
 from freehold.cli import app, main
@@ -37,13 +38,11 @@ def test_same_model_as_reference_has_zero_kl(smollm2_path: Path, home: Path) -> 
 def test_perplexity_matches_an_independent_llama_computation(
     fixture: str, ctx: int, request: pytest.FixtureRequest
 ) -> None:
-    from llama_cpp import Llama
-
     path: Path = request.getfixturevalue(fixture)
     ours = quality.evaluate(path, ctx=ctx, max_chunks=CHUNKS, threads=THREADS)
     # Independently: the high-level API with every logit kept, and a plain-loop log-softmax.
-    llm = Llama(
-        model_path=str(path),
+    llm = reference_llama(
+        path,
         n_ctx=ctx,
         n_batch=ctx,
         n_ubatch=ctx,

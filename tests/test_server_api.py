@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -345,6 +346,23 @@ def test_errors_are_openai_shaped(server: Running) -> None:
     assert big.status_code == 413 and big.json()["error"]["code"] == "body_too_large"
     assert big.headers["x-request-id"]
     assert httpx.get(server.base + "/no/such/route", timeout=10).status_code == 404
+
+
+def test_chunked_body_over_the_limit_is_413(server: Running) -> None:
+    # No Content-Length: the limit trips while the app reads the body, not in advance.
+    def body() -> Iterator[bytes]:
+        yield b'{"model": "smollm2", "prompt": "'
+        for _ in range(9):
+            yield b"a" * (1 << 20)
+        yield b'"}'
+
+    r = httpx.post(
+        server.v1 + "/completions",
+        content=body(),
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
 
 
 def test_ops_endpoints(server: Running, client: OpenAI) -> None:

@@ -37,7 +37,8 @@ def ensure_backend() -> None:
             _backend_ready = True
 
 
-def _cpu_has_amx() -> bool:
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (where llama.cpp 0.3.36's AMX matmul crashes)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -54,7 +55,7 @@ def load_params(*, use_mmap: bool = True, vocab_only: bool = False) -> ll.llama_
     # llama.cpp 0.3.36's AMX matmul (an "extra buffer type") crashes on multi-token batches on
     # CPUs with AMX (seen on Sapphire Rapids Xeons, SIGSEGV in ggml_backend_amx_mul_mat). Elsewhere
     # the extra types are the weight repacks that speed up Q4_0/Q4_K/Q8_0, so keep them there.
-    params.use_extra_bufts = not _cpu_has_amx()
+    params.use_extra_bufts = not cpu_has_amx()
     return params
 
 

@@ -146,6 +146,10 @@ class ErrorHandlers:
 
     async def on_http(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
+        if isinstance(exc.__cause__, APIError):
+            # FastAPI reports any failure while reading a body as "error parsing the body"
+            # (400); one of ours, such as the body-size limit (413), keeps its own status.
+            return self.render(request, exc.__cause__)
         if exc.status_code in (404, 405):
             # Unknown routes need a key too: without one a caller learns nothing, not even 404.
             try:
