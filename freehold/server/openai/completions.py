@@ -104,7 +104,7 @@ def _response(
         created=gen.ctx.created,
         model=req.model,
         choices=choices,
-        usage=Usage.of(gen.prompt_tokens, gen.completion_tokens, gen.cached_tokens),
+        usage=Usage.of_generation(gen),
     )
 
 

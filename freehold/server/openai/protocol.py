@@ -8,12 +8,15 @@ never silently ignored. Freehold's extensions are marked "extension" below (llam
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from freehold.engine import SamplingParams, logit_bias_from_strings
 from freehold.server.errors import UnsupportedParameter
+
+if TYPE_CHECKING:
+    from freehold.server.generation import Generation
 
 _SEED_MOD = 2**32 - 1
 
@@ -404,6 +407,10 @@ class Usage(_Out):
             total_tokens=prompt + completion,
             prompt_tokens_details=details,
         )
+
+    @classmethod
+    def of_generation(cls, gen: Generation) -> Usage:
+        return cls.of(gen.prompt_tokens, gen.completion_tokens, gen.cached_tokens)
 
 
 class FunctionCall(_Out):

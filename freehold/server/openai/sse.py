@@ -11,6 +11,7 @@ import json
 from typing import TYPE_CHECKING, Any, Literal
 
 from freehold.server.errors import APIError
+from freehold.server.openai.protocol import Usage
 
 if TYPE_CHECKING:
     from freehold.server.generation import Generation
@@ -83,13 +84,7 @@ class ChunkWriter:
         """After the last choice: the usage chunk when asked for, then [DONE]."""
         if not self.include_usage:
             return DONE
-        usage = {
-            "prompt_tokens": gen.prompt_tokens,
-            "completion_tokens": gen.completion_tokens,
-            "total_tokens": gen.prompt_tokens + gen.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": gen.cached_tokens},
-        }
-        return self.usage(usage) + DONE
+        return self.usage(Usage.of_generation(gen).model_dump()) + DONE
 
     def error(self, err: APIError) -> bytes:
         """A failure after the stream started (status 200 is long sent): an error event."""
