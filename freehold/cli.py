@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 
 from freehold.errors import FreeholdError
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from freehold.config import Paths
 
 app = typer.Typer(
     help="Freehold: own your AI. Keep verified open weights, serve them, adapt and measure them.",
@@ -18,6 +24,20 @@ app = typer.Typer(
 )
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
+
+
+@app.callback()
+def _root(context: typer.Context) -> None:
+    # The one place the Freehold home is decided; every command reads it with `_home(context)`
+    # and passes it down, so a command never mixes two homes.
+    from freehold.config import paths
+
+    context.obj = paths()
+
+
+def _home(context: typer.Context) -> Paths:
+    """The home the root callback chose for this invocation."""
+    return context.obj
 
 
 # ---- keep: the vault ------------------------------------------------------------------------
@@ -59,6 +79,7 @@ def _model_json(vault, record) -> dict:  # noqa: ANN001 - vault types imported l
 
 @app.command()
 def add(
+    context: typer.Context,
     source: str = typer.Argument(
         ..., help="A .gguf path, pkg:DIST, ollama:NAME[:TAG] or hf:ORG/REPO[@REV]."
     ),
@@ -73,7 +94,7 @@ def add(
     from freehold.vault import Vault
     from freehold.vault.importers import plan_import
 
-    with Vault() as vault:
+    with Vault(_home(context)) as vault:
         if if_missing and name and vault.catalog.find(name):
             console.print(f"{name} is already in the vault")
             return
@@ -93,34 +114,61 @@ def add(
 
 
 @app.command("list")
-def list_models(json_out: bool = typer.Option(False, "--json", help="Machine-readable.")) -> None:
+def list_models(
+    context: typer.Context, json_out: bool = typer.Option(False, "--json", help="Machine-readable.")
+) -> None:
     """List the models in the vault."""
-    from rich.table import Table
-
     from freehold.vault import Vault
 
-    with Vault() as vault:
+    with Vault(_home(context)) as vault:
         records = vault.list()
         if json_out:
             _print_json([_model_json(vault, r) for r in records])
             return
-        table = Table("NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "LICENSE", "COMMERCIAL")
+        rows = []
         for r in records:
             p = vault.license(r)
-            table.add_row(
-                r.ref,
-                r.architecture,
-                _params(r.parameters),
-                r.quantization,
-                _human(r.size),
-                p.spdx or p.name,
-                p.commercial,
+            rows.append(
+                {
+                    "NAME": r.ref,
+                    "ARCH": r.architecture,
+                    "PARAMS": _params(r.parameters),
+                    "QUANT": r.quantization,
+                    "SIZE": _human(r.size),
+                    "LICENSE": p.spdx or p.name,
+                    "COMMERCIAL": p.commercial,
+                }
             )
+        table = _whole_names_table(rows, console.width)
         console.print(table if records else "The vault is empty: `freehold add SOURCE`.")
+
+
+# Dropped in this order when the terminal is too narrow: names are never cut (as `ollama list`).
+_DROPPABLE = ("COMMERCIAL", "ARCH", "PARAMS", "LICENSE", "SIZE")
+
+
+def _whole_names_table(rows: list[dict[str, str]], width: int) -> Table:
+    """A table of `rows` whose first column is never cut: other columns go first."""
+    from rich.table import Table
+
+    columns = list(rows[0]) if rows else []
+    need = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    while sum(need[c] + 3 for c in columns) + 1 > width and set(columns) & set(_DROPPABLE):
+        columns.remove(next(c for c in _DROPPABLE if c in columns))
+    table = Table()
+    for i, c in enumerate(columns):
+        if i == 0:
+            table.add_column(c, no_wrap=True, min_width=need[c])
+        else:
+            table.add_column(c, overflow="fold")
+    for r in rows:
+        table.add_row(*(str(r[c]) for c in columns))
+    return table
 
 
 @app.command()
 def show(
+    context: typer.Context,
     model: str = typer.Argument(..., help="NAME[:TAG] or alias."),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable."),
     chat_template: str = _CHAT_TEMPLATE,
@@ -128,7 +176,7 @@ def show(
     """Show a model's facts, provenance, lineage and license terms in plain words."""
     from freehold.vault import Vault
 
-    with Vault() as vault:
+    with Vault(_home(context)) as vault:
         r = vault.get(model)
         template = _template_in_force(vault, r, chat_template)
         if json_out:
@@ -174,36 +222,40 @@ def _template_in_force(vault, r, override: str | None) -> str:  # noqa: ANN001 -
 
 @app.command()
 def rm(
+    context: typer.Context,
     model: str = typer.Argument(..., help="NAME[:TAG]; an alias removes only the alias."),
 ) -> None:
     """Remove a model from the vault and free the blobs nothing else uses."""
     from freehold.vault import Vault
 
-    with Vault() as vault:
+    with Vault(_home(context)) as vault:
         record, freed = vault.remove(model)
         console.print(f"removed {model} ({record.ref}); freed {_human(freed)}")
 
 
 @app.command()
 def alias(
+    context: typer.Context,
     new: str = typer.Argument(..., help="The new NAME[:TAG]."),
     model: str = typer.Argument(..., help="The existing model."),
 ) -> None:
     """Give a model another name."""
     from freehold.vault import Vault
 
-    with Vault() as vault:
+    with Vault(_home(context)) as vault:
         r = vault.alias(new, model)
         console.print(f"{new} → {r.ref}")
 
 
 @app.command()
-def verify(model: str = typer.Argument(None, help="One model; default: all.")) -> None:
+def verify(
+    context: typer.Context, model: str = typer.Argument(None, help="One model; default: all.")
+) -> None:
     """Re-hash stored blobs; exit non-zero naming each corrupt or missing one."""
     from freehold.progress import byte_progress
     from freehold.vault import Vault
 
-    with Vault() as vault, byte_progress() as progress:
+    with Vault(_home(context)) as vault, byte_progress() as progress:
         problems = vault.verify(model, progress)
         count = 1 if model else len(vault.list())
     for p in problems:
@@ -217,17 +269,18 @@ def verify(model: str = typer.Argument(None, help="One model; default: all.")) -
 
 
 @app.command()
-def gc() -> None:
+def gc(context: typer.Context) -> None:
     """Delete blobs no model uses, and files left by interrupted imports."""
     from freehold.vault import Vault
 
-    with Vault() as vault:
+    with Vault(_home(context)) as vault:
         count, freed = vault.gc()
     console.print(f"removed {count} unused blob(s); freed {_human(freed)}")
 
 
 @app.command()
 def export(
+    context: typer.Context,
     models: list[str] = typer.Argument(..., help="Models to bundle."),
     output: Path = typer.Option(..., "-o", "--output", help="Bundle file (.tar) to write."),
     sign: Path = typer.Option(None, "--sign", help="ed25519 private key from `keygen`."),
@@ -237,7 +290,7 @@ def export(
     from freehold.vault import Vault
     from freehold.vault.bundles import export as export_bundle
 
-    with Vault() as vault, byte_progress() as progress:
+    with Vault(_home(context)) as vault, byte_progress() as progress:
         manifest = export_bundle(vault, models, output, sign, progress)
     signed = " (signed)" if sign else ""
     console.print(f"wrote {output}{signed}: {len(manifest['models'])} model(s)")
@@ -245,6 +298,7 @@ def export(
 
 @app.command("import")
 def import_(
+    context: typer.Context,
     bundle: Path = typer.Argument(..., help="A bundle from `freehold export`."),
     trust: list[Path] = typer.Option([], "--trust", help="Public key(s) the bundle must match."),
 ) -> None:
@@ -253,7 +307,7 @@ def import_(
     from freehold.vault import Vault
     from freehold.vault.bundles import import_bundle
 
-    with Vault() as vault, byte_progress() as progress:
+    with Vault(_home(context)) as vault, byte_progress() as progress:
         result = import_bundle(vault, bundle, trust, progress)
     for r in result.added:
         console.print(f"[green]imported[/] {r.ref} {r.digest[:19]}…")
@@ -333,6 +387,7 @@ _RUN_THREADS = typer.Option(None, "--threads", help="Default: physical cores.")
 
 @app.command()
 def run(
+    context: typer.Context,
     model: str = _RUN_MODEL,
     prompt: str = typer.Argument(None, help="The prompt; read from stdin when omitted."),
     system: str = typer.Option(None, "--system", help="System message."),
@@ -357,7 +412,9 @@ def run(
     if prompt is None:
         prompt = sys.stdin.read()
     params = _run_sampling(temperature, top_p, top_k, min_p, seed, max_tokens, stop)
-    with open_engine(model, n_ctx=ctx, n_threads=threads, chat_template=chat_template) as engine:
+    with open_engine(
+        model, n_ctx=ctx, n_threads=threads, chat_template=chat_template, home=_home(context)
+    ) as engine:
         handle = submit_prompt(engine, prompt, params, system=system, raw=raw)
         if json_out:
             result = handle.result()
@@ -368,6 +425,7 @@ def run(
 
 @app.command()
 def chat(
+    context: typer.Context,
     model: str = _RUN_MODEL,
     system: str = typer.Option(None, "--system", help="System message."),
     temperature: float = _RUN_TEMP,
@@ -385,7 +443,9 @@ def chat(
     from freehold.engine.session import ChatSession, open_engine
 
     params = _run_sampling(temperature, top_p, top_k, min_p, seed, max_tokens, stop)
-    with open_engine(model, n_ctx=ctx, n_threads=threads, chat_template=chat_template) as engine:
+    with open_engine(
+        model, n_ctx=ctx, n_threads=threads, chat_template=chat_template, home=_home(context)
+    ) as engine:
         session = ChatSession(engine, params, system=system)
         err_console.print(f"[dim]chatting with {model}; /reset to start over, /exit to leave[/]")
         while True:
@@ -421,6 +481,7 @@ def chat(
 
 @app.command()
 def serve(
+    context: typer.Context,
     model: list[str] = typer.Option(
         [], "--model", "-m", help="Vault name or .gguf to serve (repeat); default: the vault's."
     ),
@@ -451,8 +512,18 @@ def serve(
     store_responses: bool = typer.Option(
         False, "--store-responses", help="Keep Responses API results sent with store: true."
     ),
+    load_wait: float = typer.Option(
+        60.0, "--load-wait", help="Seconds a request waits for its model to load; then 503."
+    ),
+    cache_ram: str = typer.Option(
+        None,
+        "--cache-ram",
+        help="Host memory for finished conversations' KV, e.g. 2G; 0 turns it off "
+        "(default: 15% of free RAM, at most 8G).",
+    ),
 ) -> None:
     """Serve models over the OpenAI, Anthropic and Ollama APIs (chat, completions, embeddings)."""
+    from freehold.config import parse_size
     from freehold.server.lifecycle import serve as run_server
     from freehold.server.settings import ServerSettings, parse_aliases
 
@@ -473,6 +544,9 @@ def serve(
         chat_template=chat_template,
         aliases=parse_aliases(alias),
         store_responses=store_responses,
+        load_wait_s=load_wait,
+        cache_ram_bytes=None if cache_ram is None else parse_size(cache_ram),
+        home=_home(context),
     )
     run_server(settings, lambda text: console.print(text, highlight=False, markup=False))
 
@@ -483,6 +557,7 @@ app.add_typer(keys_app, name="keys")
 
 @keys_app.command("create")
 def keys_create(
+    context: typer.Context,
     name: str = typer.Option(..., "--name", help="A name for the key (shown in usage)."),
     models: str = typer.Option(None, "--models", help="Only these models, e.g. a,b."),
     rpm: int = typer.Option(None, "--rpm", help="Requests per minute at most."),
@@ -490,10 +565,9 @@ def keys_create(
     json_out: bool = typer.Option(False, "--json", help="Machine-readable."),
 ) -> None:
     """Create a key; its secret is printed once and only its hash is kept."""
-    from freehold.config import paths
     from freehold.server.auth import KeyStore
 
-    with KeyStore(paths().keys) as store:
+    with KeyStore(_home(context).keys) as store:
         key, secret = store.create(
             name, models=models.split(",") if models else None, rpm=rpm, tpm=tpm
         )
@@ -505,14 +579,15 @@ def keys_create(
 
 
 @keys_app.command("list")
-def keys_list(json_out: bool = typer.Option(False, "--json", help="Machine-readable.")) -> None:
+def keys_list(
+    context: typer.Context, json_out: bool = typer.Option(False, "--json", help="Machine-readable.")
+) -> None:
     """List keys (names, limits, models; never secrets)."""
     from rich.table import Table
 
-    from freehold.config import paths
     from freehold.server.auth import KeyStore
 
-    with KeyStore(paths().keys) as store:
+    with KeyStore(_home(context).keys) as store:
         keys = store.list()
     if json_out:
         _print_json([k.to_dict() for k in keys])
@@ -532,28 +607,29 @@ def keys_list(json_out: bool = typer.Option(False, "--json", help="Machine-reada
 
 
 @keys_app.command("revoke")
-def keys_revoke(name: str = typer.Argument(..., help="The key's name.")) -> None:
+def keys_revoke(
+    context: typer.Context, name: str = typer.Argument(..., help="The key's name.")
+) -> None:
     """Revoke a key; a running server refuses it from the next request."""
-    from freehold.config import paths
     from freehold.server.auth import KeyStore
 
-    with KeyStore(paths().keys) as store:
+    with KeyStore(_home(context).keys) as store:
         store.revoke(name)
     console.print(f"revoked {name}", highlight=False)
 
 
 @app.command()
 def usage(
+    context: typer.Context,
     by: str = typer.Option("key", "--by", help="Group by key, model or day."),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable."),
 ) -> None:
     """Summarise the server's usage ledger: requests and tokens per key, model or day."""
     from rich.table import Table
 
-    from freehold.config import paths
     from freehold.server.ledger import summarize
 
-    rows = summarize(paths().ledger, by)
+    rows = summarize(_home(context).ledger, by)
     if json_out:
         _print_json(rows)
         return
@@ -582,6 +658,7 @@ def _measure_json(data: object) -> None:
 
 @app.command()
 def bench(
+    context: typer.Context,
     engine_model: str = typer.Argument(
         None, help="Engine micro-benchmark of a model (vault name, .gguf or BASE+ADAPTER)."
     ),
@@ -601,7 +678,24 @@ def bench(
     api_key: str = typer.Option(
         None, "--api-key", envvar="FREEHOLD_BENCH_API_KEY", help="Bearer key."
     ),
-    endpoint: str = typer.Option("completions", "--endpoint", help="completions or chat."),
+    endpoint: str = typer.Option(
+        None, "--endpoint", help="completions or chat (default: completions; chat for workloads)."
+    ),
+    workload: str = typer.Option(
+        "random",
+        "--workload",
+        help="random (fresh prompts), multi-turn (chats with a shared system prompt and growing "
+        "history) or agent (a long tool-definition prefix, then short turns).",
+    ),
+    users: int = typer.Option(
+        None, "--users", help="Workloads: conversations at once (multi-turn 8, agent 4)."
+    ),
+    turns: int = typer.Option(
+        None, "--turns", help="Workloads: turns per conversation (multi-turn 4, agent 8)."
+    ),
+    prefix_len: int = typer.Option(
+        None, "--prefix-len", help="Workloads: shared prefix, tokens (multi-turn 300, agent 4000)."
+    ),
     concurrency: str = typer.Option(
         None, "--concurrency", help="Closed-loop sweep, e.g. 1,2,4,8 (with --rate: one cap)."
     ),
@@ -609,9 +703,15 @@ def bench(
         None, "--rate", help="Open-loop arrivals per second, e.g. 2 or 1,2,inf."
     ),
     burstiness: float = typer.Option(1.0, "--burstiness", help="Gamma shape; 1 = Poisson."),
-    input_len: int = typer.Option(128, "--input-len", help="Synthetic prompt length, tokens."),
-    output_len: int = typer.Option(128, "--output-len", help="Tokens to generate per request."),
-    num_prompts: int = typer.Option(32, "--num-prompts", help="Requests per load level."),
+    input_len: int = typer.Option(
+        None, "--input-len", help="Prompt (workloads: user message) tokens; 128, workloads 32."
+    ),
+    output_len: int = typer.Option(
+        None, "--output-len", help="Tokens per request; 128, multi-turn 64, agent 32."
+    ),
+    num_prompts: int = typer.Option(
+        None, "--num-prompts", help="Requests per load level (default 32)."
+    ),
     dataset: Path = typer.Option(
         None, "--dataset", help='JSONL of {"prompt": ...} or {"messages": ...}.'
     ),
@@ -635,11 +735,12 @@ def bench(
     record: bool = typer.Option(True, "--record/--no-record", help="Keep throughput for `cost`."),
 ) -> None:
     """Benchmark the engine on a model (pp/tg tok/s, like llama-bench), or load-test a server
-    with --url (TTFT, TPOT, ITL, E2E, throughput, goodput)."""
+    with --url (TTFT, TPOT, ITL, E2E, throughput, goodput, cached share), with fresh prompts or
+    --workload multi-turn / agent conversations."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from freehold.errors import InvalidInput
-    from freehold.measure import bench_server, loadgen, metrics, views
+    from freehold.measure import bench_server, loadgen, serving_stats, tables, workloads
     from freehold.measure import report as reports
 
     if (url is None) == (engine_model is None):
@@ -648,8 +749,11 @@ def bench(
             "load-test a running server, not both"
         )
     if engine_model is not None:
-        _bench_engine(engine_model, pp, tg, repeats, sequences, threads, json_out, record)
+        home = _home(context)
+        _bench_engine(home, engine_model, pp, tg, repeats, sequences, threads, json_out, record)
         return
+    conversations = {"--users": users, "--turns": turns, "--prefix-len": prefix_len}
+    endpoint = workloads.endpoint_for(workload, endpoint, num_prompts, conversations)
     extra = loadgen.parse_extra_body(extra_body)
     target = loadgen.Target(url, model or "", endpoint, api_key, timeout, ignore_eos, extra)
     loadgen.check_target(target)
@@ -663,11 +767,15 @@ def bench(
         burstiness=burstiness,
         input_len=input_len,
         output_len=output_len,
-        num_prompts=num_prompts,
+        num_prompts=32 if num_prompts is None else num_prompts,
         dataset=dataset,
-        slo=metrics.parse_slo(slo),
+        slo=serving_stats.parse_slo(slo),
         seed=seed,
         calibrate=calibrate,
+        workload=workload,
+        users=users,
+        turns=turns,
+        prefix_len=prefix_len,
     )
     with Progress(
         "[progress.description]{task.description}",
@@ -685,7 +793,9 @@ def bench(
         def on_done(_: object) -> None:
             progress.advance(current[0])
 
-        result = bench_server.run_bench(opts, on_level=on_level, on_done=on_done, record=record)
+        result = bench_server.run_bench(
+            opts, on_level=on_level, on_done=on_done, record=record, home=_home(context)
+        )
     if save_raw:
         bench_server.save_raw(result, save_raw)
     if report:
@@ -694,7 +804,7 @@ def bench(
         _measure_json(result.to_json())
         return
     title = f"{target.model} at {target.request_url}"
-    console.print(views.bench_tables(title, result.summaries))
+    console.print(tables.bench_tables(title, result.summaries))
     rec = result.recorded
     if rec is not None:
         pre = f"{rec.prefill_tps:.1f}" if rec.prefill_tps else "-"
@@ -709,6 +819,7 @@ def bench(
 
 
 def _bench_engine(
+    home: Paths,
     ref: str,
     pp: int,
     tg: int,
@@ -720,7 +831,7 @@ def _bench_engine(
 ) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from freehold.measure import bench_engine, loadgen, views
+    from freehold.measure import bench_engine, loadgen, tables
 
     opts = bench_engine.EngineBenchOptions(
         pp=pp,
@@ -736,15 +847,18 @@ def _bench_engine(
         def on_progress(test: str, done: int, total: int) -> None:
             progress.update(task, description=test, completed=done, total=total)
 
-        result = bench_engine.run_engine_bench(ref, opts, on_progress=on_progress, record=record)
+        result = bench_engine.run_engine_bench(
+            ref, opts, on_progress=on_progress, record=record, home=home
+        )
     if json_out:
         _measure_json(result.to_json())
         return
-    console.print(views.engine_bench_table(result))
+    console.print(tables.engine_bench_table(result))
 
 
 @app.command("eval")
 def eval_(
+    context: typer.Context,
     model: str = typer.Argument(..., help="Model to score: vault name or .gguf path."),
     reference: str = typer.Option(None, "--reference", help="Reference model (same vocabulary)."),
     text: Path = typer.Option(None, "--text", help="UTF-8 text file (default: bundled corpus)."),
@@ -757,10 +871,11 @@ def eval_(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from freehold.measure import eval as quality
-    from freehold.measure import views
+    from freehold.measure import tables
 
-    model_path = quality.resolve_model(model)
-    ref_path = quality.resolve_model(reference) if reference else None
+    home = _home(context)
+    model_path = quality.resolve_model(model, home)
+    ref_path = quality.resolve_model(reference, home) if reference else None
     body, name = None, "bundled corpus"
     if text is not None:
         body, name = quality.load_text(text), str(text)
@@ -790,11 +905,12 @@ def eval_(
     if json_out:
         _measure_json(result.to_json())
         return
-    console.print(views.eval_table(result))
+    console.print(tables.eval_table(result))
 
 
 @app.command()
 def cost(
+    context: typer.Context,
     set_: list[str] = typer.Option(
         [], "--set", help="Save a cost setting, e.g. --set price_usd=1800 --set utilisation=40%."
     ),
@@ -809,35 +925,37 @@ def cost(
     """What a token costs on this machine, against frontier and hosted open-weight APIs."""
     from rich.table import Table
 
-    from freehold.measure import costing, hardware, views
+    from freehold.measure import cost_report, hardware, tables
     from freehold.measure import report as reports
 
     if set_:
-        profile = hardware.set_profile(set_)
+        profile = hardware.set_profile(set_, _home(context))
         table = Table("setting", "value", "origin", "meaning", title="Cost settings saved")
         for key, value in profile.values.items():
             table.add_row(key, f"{value:g}", profile.origin[key], hardware.DESCRIPTIONS[key])
         console.print(table)
         return
-    rep = costing.build_report(
+    rep = cost_report.build_report(
         model=model,
         prefill_tps=prefill_tps,
         decode_tps=decode_tps,
         price_file=prices,
         only=only or None,
+        home=_home(context),
     )
     if report:
         reports.write_html(report, reports.cost_html(rep))
     if json_out:
         _measure_json(rep.to_json())
         return
-    console.print(views.cost_tables(rep))
+    console.print(tables.cost_tables(rep))
     if report:
         console.print(f"wrote report to {report}", highlight=False)
 
 
 @app.command()
 def savings(
+    context: typer.Context,
     by: str = typer.Option("key", "--by", help="Group by key, model or day (UTC)."),
     since: str = typer.Option(None, "--since", help="Only requests from this date (UTC)."),
     prices: Path = typer.Option(None, "--prices", help="Your price sheet: CSV or LiteLLM JSON."),
@@ -845,17 +963,19 @@ def savings(
     json_out: bool = typer.Option(False, "--json", help="Machine-readable."),
 ) -> None:
     """What the tokens your server served cost here, and on each API for the same tokens."""
-    from freehold.measure import views
+    from freehold.measure import tables
     from freehold.measure.savings import build_savings
 
-    rep = build_savings(by=by, since=since, price_file=prices, only=only or None)
+    rep = build_savings(
+        by=by, since=since, price_file=prices, only=only or None, home=_home(context)
+    )
     if json_out:
         _measure_json(rep.to_json())
         return
     if not rep.groups:
         console.print("No requests recorded yet: serve some with `freehold serve`.")
         return
-    console.print(views.savings_tables(rep))
+    console.print(tables.savings_tables(rep))
 
 
 # ---- adapt ----------------------------------------------------------------------------------
@@ -863,6 +983,7 @@ def savings(
 
 @app.command()
 def quantize(
+    context: typer.Context,
     model: str = typer.Argument(..., help="Vault model to quantize."),
     to: str = typer.Option(None, "--to", help="Target type, e.g. Q8_0, Q6_K, Q4_K_M, Q4_0."),
     fit: str = typer.Option(None, "--fit", help="Memory budget (e.g. 512M, 1.5G): best type."),
@@ -876,10 +997,10 @@ def quantize(
 ) -> None:
     """Quantize with llama.cpp, store the result with lineage, and report what it cost."""
     from freehold.adapt.quantize import quantize_model
-    from freehold.adapt.views import quantize_summary
+    from freehold.adapt.summaries import quantize_summary
     from freehold.vault import Vault
 
-    with Vault() as vault, err_console.status("Quantizing with llama.cpp…"):
+    with Vault(_home(context)) as vault, err_console.status("Quantizing with llama.cpp…"):
         report = quantize_model(vault, model, to, fit, ctx, name, allow_requantize, eval_chunks)
     summary = quantize_summary(report)
     if json_out:
@@ -891,6 +1012,7 @@ def quantize(
 
 @app.command()
 def tune(
+    context: typer.Context,
     model: str = typer.Argument(..., help="Vault model to fine-tune (needs a chat template)."),
     data: Path = typer.Argument(..., help="JSONL: chat messages, ShareGPT or Alpaca records."),
     name: str = typer.Option(None, "--name", "-n", help="NAME[:TAG] for the adapter."),
@@ -909,9 +1031,9 @@ def tune(
     """LoRA fine-tune on a CPU; the adapter goes into the vault as a llama.cpp LoRA GGUF."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from freehold.adapt.tune import TuneConfig
-    from freehold.adapt.tune_model import tune_model
-    from freehold.adapt.views import tune_lines
+    from freehold.adapt.lora_trainer import TuneConfig
+    from freehold.adapt.summaries import tune_lines
+    from freehold.adapt.tune import tune_model
     from freehold.vault import Vault
 
     config = TuneConfig(
@@ -931,17 +1053,18 @@ def tune(
         TextColumn("{task.fields[tps]:.0f} tok/s"),
         TimeRemainingColumn(),
     )
-    with Vault() as vault, Progress(*columns, console=err_console, transient=True) as bar:
+    home = _home(context)
+    with Vault(home) as vault, Progress(*columns, console=err_console, transient=True) as bar:
         task = bar.add_task("train", total=None, loss=float("nan"), tps=0.0)
 
-        def on_step(p) -> None:  # noqa: ANN001 - freehold.adapt.tune.Progress
+        def on_step(p) -> None:  # noqa: ANN001 - freehold.adapt.lora_trainer.Progress
             bar.update(task, completed=p.step, total=p.total_steps, loss=p.loss, tps=p.tokens_per_s)
 
         report = tune_model(vault, model, data, config, name, resume, on_step=on_step)
     if merge:
         from freehold.adapt.merge import merge_model
 
-        with Vault() as vault, err_console.status(f"Merging into {merge}…"):
+        with Vault(home) as vault, err_console.status(f"Merging into {merge}…"):
             merged = merge_model(vault, report.base.ref, report.adapter.ref, merge)
         report.merged = merged.record.ref
     if json_out:
@@ -953,6 +1076,7 @@ def tune(
 
 @app.command("merge")
 def merge_cmd(
+    context: typer.Context,
     model: str = typer.Argument(..., help="BASE+ADAPTER from the vault."),
     to: str = typer.Option("Q8_0", "--to", help="Type of the merged model."),
     name: str = typer.Option(None, "--name", "-n", help="NAME[:TAG] for the merged model."),
@@ -964,7 +1088,7 @@ def merge_cmd(
     base, sep, adapter = model.partition("+")
     if not sep:
         raise typer.BadParameter("write BASE+ADAPTER", param_hint="MODEL")
-    with Vault() as vault, err_console.status("Merging…"):
+    with Vault(_home(context)) as vault, err_console.status("Merging…"):
         merged = merge_model(vault, base, adapter, to, name)
     console.print(
         f"[green]stored[/] {merged.record.ref}: {adapter} merged into {base} "
@@ -976,5 +1100,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="freehold")
     except FreeholdError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        from rich.markup import escape  # messages quote paths and file contents: not markup
+
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)

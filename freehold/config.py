@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,69 +24,85 @@ def default_home() -> Path:
 
 @dataclass(frozen=True)
 class Paths:
-    """The layout of one Freehold home directory."""
+    """The layout of one Freehold home: decided once (`paths()`) and passed down, never re-read.
 
-    home: Path
+    The CLI's root callback makes the one value each command uses; the server keeps it in
+    `ServerSettings.home`; library functions take it as their `home` parameter.
+    """
+
+    root: Path
 
     @property
     def blobs(self) -> Path:
-        return self.home / "blobs"
+        return self.root / "blobs"
 
     @property
     def tmp(self) -> Path:
         # Temp files live beside the blobs so the final rename never crosses filesystems.
-        return self.home / "tmp"
+        return self.root / "tmp"
 
     @property
     def catalog(self) -> Path:
-        return self.home / "catalog.db"
+        return self.root / "catalog.db"
 
     @property
     def licenses(self) -> Path:
-        return self.home / "licenses"
+        return self.root / "licenses"
 
     @property
     def ledger(self) -> Path:
-        return self.home / "ledger.db"
+        return self.root / "ledger.db"
 
     @property
     def keys(self) -> Path:
-        return self.home / "keys.db"
+        return self.root / "keys.db"
 
     @property
     def responses(self) -> Path:
         # Responses API results kept with `serve --store-responses` (prompts inside: 0600).
-        return self.home / "responses.db"
+        return self.root / "responses.db"
 
     @property
     def audit_log(self) -> Path:
-        return self.home / "audit.jsonl"
+        return self.root / "audit.jsonl"
 
     @property
     def settings(self) -> Path:
-        return self.home / "settings.json"
+        return self.root / "settings.json"
 
     @property
     def measurements(self) -> Path:
         # Throughput measured by `freehold bench`, read by `freehold cost`; one JSON record a line.
-        return self.home / "measurements.jsonl"
+        return self.root / "measurements.jsonl"
 
     def ensure(self) -> Paths:
-        for d in (self.home, self.blobs, self.tmp, self.licenses):
+        for d in (self.root, self.blobs, self.tmp, self.licenses):
             d.mkdir(parents=True, exist_ok=True)
         return self
 
 
-def paths(home: Path | None = None) -> Paths:
-    return Paths(home or default_home())
+def paths(root: Path | None = None) -> Paths:
+    """The home at `root`, else the one the environment names (see `default_home`)."""
+    return Paths(root or default_home())
 
 
-def read_settings(p: Paths) -> dict[str, Any]:
+def read_settings(home: Paths) -> dict[str, Any]:
     """settings.json as a dict (empty when absent); a damaged file is a clear error."""
-    if not p.settings.exists():
+    if not home.settings.exists():
         return {}
     try:
-        data = json.loads(p.settings.read_text(encoding="utf-8"))
+        data = json.loads(home.settings.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise InvalidInput(f"settings file {p.settings} is not valid JSON ({e}): fix it") from None
+        raise InvalidInput(
+            f"settings file {home.settings} is not valid JSON ({e}): fix it"
+        ) from None
     return data if isinstance(data, dict) else {}
+
+
+def parse_size(text: str) -> int:
+    """'512M', '1.5G', '300MiB', '2GB' → bytes (binary units, as memory is sold)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*", text, re.I)
+    if not m:
+        raise InvalidInput(f"'{text}' is not a size: write e.g. 512M or 1.5G")
+    scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m[2].upper()]
+    return int(float(m[1]) * scale)

@@ -27,17 +27,21 @@ def migrate(db: sqlite3.Connection, migrations: list[str]) -> None:
         db.execute("COMMIT")
 
 
-def open_db(path: Path, migrations: list[str], *, private: bool = False) -> sqlite3.Connection:
+def open_db(
+    path: Path, migrations: list[str], *, private: bool = False, busy_timeout_s: float = 5.0
+) -> sqlite3.Connection:
     """A WAL-mode connection (autocommit; any thread, callers serialise) at the latest schema.
 
     private: owner-only permissions, set before SQLite writes anything into the file.
+    busy_timeout_s: how long a statement waits for another connection's write lock.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     if private:
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         os.chmod(path, 0o600)
-    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    db = sqlite3.connect(
+        path, timeout=busy_timeout_s, check_same_thread=False, isolation_level=None
+    )
     db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA busy_timeout=5000")
     migrate(db, migrations)
     return db

@@ -17,6 +17,10 @@ class InvalidInput(FreeholdError):
     exit_code = 2
 
 
+class AmbiguousName(InvalidInput):
+    """A bare model name that several tags in the vault share."""
+
+
 class IntegrityError(FreeholdError):
     """Stored or supplied bytes do not match their recorded digest or signature."""
 

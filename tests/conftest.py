@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sqlite3
 from dataclasses import dataclass
@@ -9,6 +10,22 @@ from importlib.resources import files
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Hypothesis: a fixed seed in `make test` ("ci"); `pytest --hypothesis-profile=deep` for long,
+# freshly drawn runs (tests/test_vault_fuzz.py scales its examples with max_examples).
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("deep", max_examples=1000)
+settings.load_profile("ci")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak-minutes",
+        type=float,
+        default=2.0,
+        help="How long tests/test_server_soak.py keeps the server under load (default 2).",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -45,12 +62,16 @@ class CliResult:
 
 
 @pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]):
-    """Run the real `freehold` CLI in-process: `cli("list", "--json")` → CliResult."""
+def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+    """Run the real `freehold` CLI in-process: `cli("list", "--json")` → CliResult.
+
+    `input=` is what the command reads from stdin (a piped prompt, chat lines).
+    """
     from freehold.cli import main
 
-    def run(*args: object) -> CliResult:
+    def run(*args: object, input: str = "") -> CliResult:
         capsys.readouterr()
+        monkeypatch.setattr("sys.stdin", io.StringIO(input))
         try:
             main([str(a) for a in args])
             code = 0

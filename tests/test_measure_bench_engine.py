@@ -5,14 +5,14 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import gguf
-import numpy as np
 import pytest
+from lora_file import write_lora
 from rich.console import Console
 
+from freehold.config import paths
 from freehold.engine import EngineConfig, SamplingParams
 from freehold.errors import InvalidInput
-from freehold.measure import bench_engine, views
+from freehold.measure import bench_engine, tables
 from freehold.measure.bench_engine import EngineBenchOptions, Stat
 from freehold.vault import ModelSpec
 
@@ -88,25 +88,6 @@ def test_stat_is_mean_and_sample_sd() -> None:
 # ---- adapters -------------------------------------------------------------------------------
 
 
-def _write_adapter(path: Path, scale: float) -> Path:
-    """A LoRA on layer 0's V projection of SmolLM2 (576 wide, 3 KV heads of 64), rank 4."""
-    rng = np.random.default_rng(0)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_string("general.type", "adapter")
-    w.add_string("adapter.type", "lora")
-    w.add_float32("adapter.lora.alpha", 4.0)
-    for layer in range(4):
-        a = rng.standard_normal((4, 576)).astype(np.float32)
-        b = (scale * rng.standard_normal((192, 4))).astype(np.float32)
-        w.add_tensor(f"blk.{layer}.attn_v.weight.lora_a", a)
-        w.add_tensor(f"blk.{layer}.attn_v.weight.lora_b", b)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 def _greedy(spec: ModelSpec) -> list[int]:
     config = EngineConfig(n_slots=1, n_threads=1, n_ctx_per_slot=256)
     with bench_engine.open_engine(spec, config) as engine:
@@ -115,16 +96,18 @@ def _greedy(spec: ModelSpec) -> list[int]:
 
 
 def test_adapter_is_applied_and_benchmarked(smollm2_path: Path, tmp_path: Path) -> None:
-    adapter = _write_adapter(tmp_path / "strong.gguf", scale=1.0)
+    adapter = write_lora(tmp_path / "strong.gguf", scale=1.0)
     spec = ModelSpec(f"{smollm2_path}+{adapter}", smollm2_path, (adapter,))
     assert _greedy(spec) != _greedy(ModelSpec(str(smollm2_path), smollm2_path))
 
     opts = EngineBenchOptions(pp=16, tg=4, repeats=1, sequences=(1,), threads=1)
-    result = bench_engine.run_engine_bench(spec, opts, record=False)
+    home = paths(tmp_path / "home")
+    result = bench_engine.run_engine_bench(spec, opts, record=False, home=home)
     assert result.adapters == [str(adapter)] and result.recorded is None
+    assert not home.measurements.exists()
     assert result.tg.tokens_per_s.mean > 0
     text = io.StringIO()
-    Console(file=text, width=120).print(views.engine_bench_table(result))
+    Console(file=text, width=120).print(tables.engine_bench_table(result))
     shown = " ".join(text.getvalue().split())
     assert "with 1 adapter(s): 1 threads, 1 repeats" in shown and "pp16" in shown
 

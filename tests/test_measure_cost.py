@@ -10,13 +10,11 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from freehold.cli import app
 from freehold.config import paths
 from freehold.errors import InvalidInput, NotFound
-from freehold.measure import cost, costing, hardware, measurements, prices, report
-from freehold.measure.cost import CostInputs
+from freehold.measure import cost_formulas, cost_report, hardware, measurements, prices, report
+from freehold.measure.cost_formulas import CostInputs
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -35,11 +33,11 @@ OWNED = CostInputs(
 
 
 def test_owned_hardware_hand_worked() -> None:
-    h = cost.hourly(OWNED)
+    h = cost_formulas.hourly(OWNED)
     assert h.hardware == pytest.approx(0.10)
     assert h.energy == pytest.approx(0.03)
     assert h.total == pytest.approx(0.20)
-    local = cost.local_cost(OWNED, prefill_tps=1000, decode_tps=100)
+    local = cost_formulas.local_cost(OWNED, prefill_tps=1000, decode_tps=100)
     # 1e6 x 0.20 / (100 x 3600 x 0.5) = 200,000 / 180,000
     assert local.output_per_mtok == pytest.approx(10 / 9)
     assert local.input_per_mtok == pytest.approx(1 / 9)
@@ -57,18 +55,20 @@ def test_rented_hardware_hand_worked() -> None:
         pue=1.5,
         ops_usd_per_hour=0.30,
     )
-    assert cost.hourly(rented).total == pytest.approx(1.80)
+    assert cost_formulas.hourly(rented).total == pytest.approx(1.80)
     # 1e6 x 1.80 / (500 x 3600 x 0.9) = 1.8e6 / 1.62e6
-    assert cost.local_cost(rented, 2000, 500).output_per_mtok == pytest.approx(1.8 / 1.62)
-    assert cost.fixed_per_month(rented) == pytest.approx(1.80 * 730)
+    assert cost_formulas.local_cost(rented, 2000, 500).output_per_mtok == pytest.approx(1.8 / 1.62)
+    assert cost_formulas.fixed_per_month(rented) == pytest.approx(1.80 * 730)
 
 
 def test_utilisation_and_pue() -> None:
     flat = CostInputs(utilisation=1.0, purchase_usd=8760, lifetime_hours=8760)  # $1/h
-    assert cost.local_cost(flat, 1000, 1000).output_per_mtok == pytest.approx(1e6 / 3.6e6)
+    assert cost_formulas.local_cost(flat, 1000, 1000).output_per_mtok == pytest.approx(1e6 / 3.6e6)
     quarter = CostInputs(utilisation=0.25, purchase_usd=8760, lifetime_hours=8760)
     # A quarter as busy: every useful token carries four times the idle hours.
-    assert cost.local_cost(quarter, 1000, 1000).output_per_mtok == pytest.approx(4e6 / 3.6e6)
+    assert cost_formulas.local_cost(quarter, 1000, 1000).output_per_mtok == pytest.approx(
+        4e6 / 3.6e6
+    )
     # 1 kW at full load, $0.10/kWh: $0.10/h at PUE 1, $0.15/h at PUE 1.5.
     for pue, expected in ((1.0, 0.10), (1.5, 0.15)):
         c = CostInputs(
@@ -79,28 +79,28 @@ def test_utilisation_and_pue() -> None:
             usd_per_kwh=0.10,
             pue=pue,
         )
-        assert cost.energy_per_hour(c) == pytest.approx(expected)
-    assert cost.usd_per_mtok(3.6, 1000, 1.0) == pytest.approx(1.0)
+        assert cost_formulas.energy_per_hour(c) == pytest.approx(expected)
+    assert cost_formulas.usd_per_mtok(3.6, 1000, 1.0) == pytest.approx(1.0)
     with pytest.raises(ValueError):
-        cost.usd_per_mtok(1.0, 0, 0.5)
+        cost_formulas.usd_per_mtok(1.0, 0, 0.5)
 
 
 def test_savings_and_break_even_hand_worked() -> None:
-    assert cost.savings_pct(1.0, 4.0) == pytest.approx(75.0)
-    assert cost.savings_pct(5.0, 4.0) == pytest.approx(-25.0)
-    assert cost.blend(2.0, 10.0) == pytest.approx(4.0)
+    assert cost_formulas.savings_pct(1.0, 4.0) == pytest.approx(75.0)
+    assert cost_formulas.savings_pct(5.0, 4.0) == pytest.approx(-25.0)
+    assert cost_formulas.blend(2.0, 10.0) == pytest.approx(4.0)
     # Fixed a month: ($0.10 hardware + $0.07 ops + 50 W idle x 1.2 x $0.20) x 730 h = $132.86.
-    assert cost.fixed_per_month(OWNED) == pytest.approx(0.182 * 730)
+    assert cost_formulas.fixed_per_month(OWNED) == pytest.approx(0.182 * 730)
     # 1M blended tokens take (3/1000 + 1/100) / 4 s per token = 0.9028 busy hours, drawing
     # 150 W over idle x 1.2 x $0.20 = $0.036/h: $0.0325 of energy per 1M tokens.
-    assert cost.marginal_per_mtok(OWNED, 1000, 100) == pytest.approx(0.0325)
-    be = cost.break_even_mtok_per_month(OWNED, 1000, 100, api_blended=4.0)
+    assert cost_formulas.marginal_per_mtok(OWNED, 1000, 100) == pytest.approx(0.0325)
+    be = cost_formulas.break_even_mtok_per_month(OWNED, 1000, 100, api_blended=4.0)
     assert be == pytest.approx(0.182 * 730 / (4.0 - 0.0325))
-    assert cost.capacity_mtok_per_month(1000, 100) == pytest.approx(730 / (3250 / 3600))
+    assert cost_formulas.capacity_mtok_per_month(1000, 100) == pytest.approx(730 / (3250 / 3600))
     # An API cheaper than the electricity never breaks even.
-    assert cost.break_even_mtok_per_month(OWNED, 1000, 100, api_blended=0.01) is None
-    local = cost.local_cost(OWNED, 1000, 100)
-    c = cost.compare(OWNED, local, 1000, 100, api_input=2.0, api_output=10.0)
+    assert cost_formulas.break_even_mtok_per_month(OWNED, 1000, 100, api_blended=0.01) is None
+    local = cost_formulas.local_cost(OWNED, 1000, 100)
+    c = cost_formulas.compare(OWNED, local, 1000, 100, api_input=2.0, api_output=10.0)
     assert c.api_blended_per_mtok == pytest.approx(4.0)
     assert c.input_savings_pct == pytest.approx(100 * (1 - (1 / 9) / 2.0))
     assert c.output_savings_pct == pytest.approx(100 * (1 - (10 / 9) / 10.0))
@@ -155,25 +155,25 @@ def test_user_csv_and_litellm_json(tmp_path: Path) -> None:
 
 
 def test_profile_set_is_saved_atomically_and_keeps_other_settings(home: Path) -> None:
-    p = paths()
-    p.home.mkdir(parents=True)
-    p.settings.write_text(json.dumps({"server": {"port": 8080}}))
-    profile = hardware.set_profile(["price_usd=1,800", "utilisation=40%", "pue=1.1"])
+    h = paths(home)
+    h.root.mkdir(parents=True)
+    h.settings.write_text(json.dumps({"server": {"port": 8080}}))
+    profile = hardware.set_profile(["price_usd=1,800", "utilisation=40%", "pue=1.1"], h)
     assert profile.values["price_usd"] == 1800 and profile.origin["price_usd"] == "set"
     assert profile.values["utilisation"] == pytest.approx(0.4)
     assert profile.origin["watts_load"] == "default (assumed)"
-    saved = json.loads(p.settings.read_text())
+    saved = json.loads(h.settings.read_text())
     assert saved["server"] == {"port": 8080}
     assert saved["hardware"]["pue"] == 1.1
-    assert [f.name for f in p.home.iterdir()] == ["settings.json"]  # no temp file left
-    assert not hardware.load_profile().rented
-    rented = hardware.set_profile(["rent_usd_per_hour=2.5 ops_usd_per_hour=0.5"])
+    assert [f.name for f in h.root.iterdir()] == ["settings.json"]  # no temp file left
+    assert not hardware.load_profile(h).rented
+    rented = hardware.set_profile(["rent_usd_per_hour=2.5 ops_usd_per_hour=0.5"], h)
     assert rented.rented and rented.cost_inputs().rent_usd_per_hour == 2.5
     assert rented.values["ops_usd_per_hour"] == 0.5
-    assert not hardware.set_profile(["rent_usd_per_hour="]).rented  # `key=` forgets
-    p.settings.write_text(json.dumps({"hardware": {"pue": "cold"}}))
+    assert not hardware.set_profile(["rent_usd_per_hour="], h).rented  # `key=` forgets
+    h.settings.write_text(json.dumps({"hardware": {"pue": "cold"}}))
     with pytest.raises(InvalidInput, match="hardware.pue"):
-        hardware.load_profile()
+        hardware.load_profile(h)
     for bad, match in (
         ("utilisation=0", "utilisation"),
         ("pue=0.5", "PUE"),
@@ -182,7 +182,7 @@ def test_profile_set_is_saved_atomically_and_keeps_other_settings(home: Path) ->
         ("price_usd", "key=value"),
     ):
         with pytest.raises(InvalidInput, match=match):
-            hardware.set_profile([bad])
+            hardware.set_profile([bad], h)
 
 
 def test_hardware_detection_tolerates_missing_nvidia_smi(
@@ -200,24 +200,26 @@ def test_hardware_detection_tolerates_missing_nvidia_smi(
 
 
 def test_report_labels_measured_and_assumed(home: Path) -> None:
-    measurements.record_throughput("m", decode_tps=50.0, prefill_tps=400.0, source="test bench")
-    rep = costing.build_report(decode_tps=25.0)
+    h = paths(home)
+    measurements.record_throughput(
+        "m", decode_tps=50.0, prefill_tps=400.0, source="test bench", home=h
+    )
+    rep = cost_report.build_report(decode_tps=25.0, home=h)
     origins = {i.name: i.origin for i in rep.inputs}
     assert origins["decode"] == "assumed (--decode-tps)"
     assert origins["prefill"].startswith("measured by test bench")
     assert origins["utilisation"] == "default (assumed)" and origins["cores"] == "detected"
     assert rep.decode_tps == 25.0 and rep.prefill_tps == 400.0
-    assert rep.local.output_per_mtok == pytest.approx(
-        cost.local_cost(hardware.load_profile().cost_inputs(), 400.0, 25.0).output_per_mtok
-    )
-    hardware.set_profile(["rent_usd_per_hour=0.9"])
-    rented = {i.name: i.origin for i in costing.build_report().inputs}
+    expected = cost_formulas.local_cost(hardware.load_profile(h).cost_inputs(), 400.0, 25.0)
+    assert rep.local.output_per_mtok == pytest.approx(expected.output_per_mtok)
+    hardware.set_profile(["rent_usd_per_hour=0.9"], h)
+    rented = {i.name: i.origin for i in cost_report.build_report(home=h).inputs}
     assert "price_usd" not in rented and rented["watts_load"].startswith("not used")
 
 
 def test_cost_without_throughput_says_what_to_do(home: Path) -> None:
     with pytest.raises(InvalidInput, match="freehold bench --url"):
-        costing.build_report()
+        cost_report.build_report(home=paths(home))
 
 
 class _Images(HTMLParser):
@@ -231,22 +233,20 @@ class _Images(HTMLParser):
 
 
 def test_cost_cli_prints_comparisons_and_writes_report(
-    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli
 ) -> None:
-    from freehold import cli
+    from freehold.cli import console
 
-    monkeypatch.setattr(cli.console, "_width", 200)  # a wide terminal: one line per comparator
-    runner = CliRunner()
-    result = runner.invoke(app, ["cost", "--set", "price_usd=1200", "--set", "utilisation=25%"])
-    assert result.exit_code == 0, result.output
-    assert "price_usd" in result.stdout
-    measurements.record_throughput(
-        "smollm2", decode_tps=133.0, prefill_tps=350.0, source="bench --url http://127.0.0.1:8080"
-    )
+    monkeypatch.setattr(console, "_width", 200)  # a wide terminal: one line per comparator
+    result = cli("cost", "--set", "price_usd=1200", "--set", "utilisation=25%")
+    assert result.code == 0, result.err
+    assert "price_usd" in result.out
+    source = "bench --url http://127.0.0.1:8080"
+    measurements.record_throughput("smollm2", 133.0, 350.0, source, home=paths(home))
     html_file = tmp_path / "out" / "cost.html"
-    result = runner.invoke(app, ["cost", "--report", str(html_file)])
-    assert result.exit_code == 0, result.output
-    out = result.stdout
+    result = cli("cost", "--report", html_file)
+    assert result.code == 0, result.err
+    out = result.out
     assert "per 1M input tokens" in out and "per 1M output tokens" in out
     assert "at 25% utilisation" in out
     sheet = prices.load_prices()
@@ -264,7 +264,7 @@ def test_cost_cli_prints_comparisons_and_writes_report(
         assert base64.b64decode(src[len(prefix) :], validate=True).startswith(PNG)
     assert not [f for f in os.listdir(html_file.parent) if f.endswith(".tmp")]
     # JSON: every comparator row names its comparator, date and the utilisation assumed.
-    data = json.loads(runner.invoke(app, ["cost", "--json", "--only", "claude"]).stdout)
+    data = cli("cost", "--json", "--only", "claude").json()
     assert data["rows"] and all(r["price"]["as_of"] for r in data["rows"])
     assert all(r["utilisation"] == 0.25 and "Claude" in r["comparator"] for r in data["rows"])
     assert data["local"]["utilisation"] == 0.25

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from llama_reference import reference_llama
-from typer.testing import CliRunner
 
-from freehold.cli import app, main
 from freehold.errors import InvalidInput
 from freehold.measure import eval as quality
 
@@ -20,13 +17,11 @@ CTX, CHUNKS = 256, 2
 THREADS = 1
 
 
-def test_same_model_as_reference_has_zero_kl(smollm2_path: Path, home: Path) -> None:
-    args = ["eval", str(smollm2_path), "--reference", str(smollm2_path)]
-    result = CliRunner().invoke(
-        app, [*args, "--ctx", CTX, "--max-chunks", CHUNKS, "--threads", THREADS, "--json"]
-    )
-    assert result.exit_code == 0, result.output
-    r = json.loads(result.stdout)
+def test_same_model_as_reference_has_zero_kl(smollm2_path: Path, home: Path, cli) -> None:
+    args = ["eval", smollm2_path, "--reference", smollm2_path]
+    result = cli(*args, "--ctx", CTX, "--max-chunks", CHUNKS, "--threads", THREADS, "--json")
+    assert result.code == 0, result.err
+    r = result.json()
     assert abs(r["mean_kl"]) <= 1e-6 and abs(r["kl_p99"]) <= 1e-6
     assert r["perplexity"] == r["reference_perplexity"]
     assert r["top1_agreement"] == 1.0
@@ -70,12 +65,11 @@ def test_perplexity_matches_an_independent_llama_computation(
 
 
 def test_different_vocabularies_are_refused(
-    smollm2_path: Path, gemma_path: Path, home: Path, capsys: pytest.CaptureFixture[str]
+    smollm2_path: Path, gemma_path: Path, home: Path, cli
 ) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["eval", str(smollm2_path), "--reference", str(gemma_path), "--ctx", "64"])
-    assert exit_info.value.code == InvalidInput.exit_code
-    err = capsys.readouterr().err
+    result = cli("eval", smollm2_path, "--reference", gemma_path, "--ctx", "64")
+    assert result.code == InvalidInput.exit_code and result.out == ""
+    err = result.err
     sizes = {int(n.replace(",", "")) for n in re.findall(r"\d[\d,]{3,}", err)}
     assert 49152 in sizes and len(sizes) == 2, err  # both vocab sizes named
     assert "vocabulary" in err

@@ -19,9 +19,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from freehold.cli import app
+from freehold.config import paths
 from freehold.errors import InvalidInput
 from freehold.measure import bench_server, loadgen, measurements
 from freehold.measure.loadgen import Target
@@ -34,13 +33,22 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 class FakeServer:
-    """OpenAI-style streaming completions with known timings; records what it was sent.
+    """OpenAI-style streaming completions with known timings; records what it was sent and the
+    text it replied (every reply unique: `r<request number>tok<k>`).
 
-    It runs in a forked process so that its timing never waits on the client's GIL.
+    It runs in a forked process so that its timing never waits on the client's GIL. `cache`
+    says how it reports an ideal prefix cache (every message but the last is cached): "openai"
+    in usage.prompt_tokens_details, "llama" as llama-server does (usage without prompt tokens,
+    `timings.cache_n` / `prompt_n` on the last choice chunk), None not at all.
     """
 
-    def __init__(self, log: Path, usage: bool = True) -> None:
+    def __init__(
+        self, log: Path, usage: bool = True, cache: str | None = None, ttft: float = TTFT
+    ) -> None:
         self.usage = usage
+        self.cache = cache
+        self.ttft = ttft
+        self.served = 0
         self.log = log
         ctx = multiprocessing.get_context("fork")
         self.port_value = ctx.Value("i", 0)
@@ -102,13 +110,20 @@ class FakeServer:
             await writer.drain()
             return True
         req = json.loads(body)
-        with self.log.open("a") as f:
-            f.write(json.dumps({"path": path, "headers": headers, "body": req}) + "\n")
+        self.served += 1
+        tag = f"r{self.served}"
         chat = path.endswith("/chat/completions")
-        text = req["messages"][-1]["content"] if chat else req["prompt"]
-        prompt_tokens = len(text.split()) + (5 if chat else 1)  # a template / BOS offset
         n = int(req["max_tokens"])
-        ttft = SLOW_TTFT if "SLOWREQ" in text.split() else TTFT
+        reply = "".join(f" {tag}tok{k}" for k in range(n))
+        with self.log.open("a") as f:
+            f.write(json.dumps({"path": path, "headers": headers, "body": req, "reply": reply}))
+            f.write("\n")
+        text = req["messages"][-1]["content"] if chat else req["prompt"]
+        # Tokens: words, plus a template's 5 per message or a BOS.
+        sizes = [len(m["content"].split()) + 5 for m in req["messages"]] if chat else []
+        prompt_tokens = sum(sizes) if chat else len(text.split()) + 1
+        cached = prompt_tokens - sizes[-1] if chat else 0
+        ttft = SLOW_TTFT if "SLOWREQ" in text.split() else self.ttft
         writer.write(
             b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
             b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -130,13 +145,20 @@ class FakeServer:
             finish = last if k == n - 1 else None
             choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
             if chat:
-                choice["delta"] = {"content": f" tok{k}"}
+                choice["delta"] = {"content": f" {tag}tok{k}"}
             else:
-                choice["text"] = f" tok{k}"
-            self._send(writer, {"choices": [choice]})
+                choice["text"] = f" {tag}tok{k}"
+            chunk: dict[str, Any] = {"choices": [choice]}
+            if finish and self.cache == "llama":
+                chunk["timings"] = {"cache_n": cached, "prompt_n": prompt_tokens - cached}
+            self._send(writer, chunk)
             await writer.drain()
         if self.usage and req.get("stream_options", {}).get("include_usage"):
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n}
+            usage: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": n}
+            if self.cache == "openai":
+                usage["prompt_tokens_details"] = {"cached_tokens": cached}
+            elif self.cache == "llama":
+                del usage["prompt_tokens"]
             self._send(writer, {"choices": [], "usage": usage})
         self._chunk(writer, b"data: [DONE]\n\n")
         writer.write(b"0\r\n\r\n")  # end of the chunked body; the connection stays open
@@ -273,7 +295,9 @@ def test_goodput_counts_requests_meeting_every_slo(server: FakeServer, tmp_path:
     assert close(s.ttft.p99 / 1000.0, SLOW_TTFT)
 
 
-def test_calibration_sizes_prompts_with_server_token_counts(server: FakeServer) -> None:
+def test_calibration_sizes_prompts_with_server_token_counts(
+    server: FakeServer, tmp_path: Path
+) -> None:
     opts = bench_server.BenchOptions(
         Target(server.url, "m", endpoint="chat"),
         concurrency=[2],
@@ -281,7 +305,9 @@ def test_calibration_sizes_prompts_with_server_token_counts(server: FakeServer) 
         output_len=2,
         num_prompts=3,
     )
-    result = bench_server.run_bench(opts, record=False)
+    home = paths(tmp_path)
+    result = bench_server.run_bench(opts, record=False, home=home)
+    assert result.recorded is None and not home.measurements.exists()
     s = result.summaries[0]
     assert result.words_per_prompt == 35  # 40 tokens minus the template's 5
     assert s.total_input_tokens == 3 * 40
@@ -317,7 +343,7 @@ def test_stream_without_usage(tmp_path: Path) -> None:
         assert "include_usage" in (level.summary.first_error or "")
         opts = bench_server.BenchOptions(Target(s.url, "m"), num_prompts=1, output_len=2)
         with pytest.raises(InvalidInput, match="--no-calibrate"):
-            bench_server.run_bench(opts, record=False)
+            bench_server.run_bench(opts, record=False, home=paths(tmp_path))
 
 
 def test_unreachable_server_is_a_clear_error(tmp_path: Path) -> None:
@@ -325,7 +351,7 @@ def test_unreachable_server_is_a_clear_error(tmp_path: Path) -> None:
         Target("http://127.0.0.1:9", "m"), num_prompts=1, calibrate=False
     )
     with pytest.raises(InvalidInput, match="no request.*succeeded"):
-        bench_server.run_bench(opts, record=False)
+        bench_server.run_bench(opts, record=False, home=paths(tmp_path))
     with pytest.raises(InvalidInput, match="not an http"):
         loadgen.check_target(Target("127.0.0.1:8080", "m"))
 
@@ -349,7 +375,7 @@ def png_images(path: Path) -> list[bytes]:
     return [base64.b64decode(s[len(prefix) :], validate=True) for s in parser.srcs]
 
 
-def test_bench_cli_end_to_end(server: FakeServer, home: Path, tmp_path: Path) -> None:
+def test_bench_cli_end_to_end(server: FakeServer, home: Path, tmp_path: Path, cli) -> None:
     raw, report = tmp_path / "raw.jsonl", tmp_path / "bench.html"
     args = [
         "bench",
@@ -370,9 +396,9 @@ def test_bench_cli_end_to_end(server: FakeServer, home: Path, tmp_path: Path) ->
         "--report",
         str(report),
     ]
-    result = CliRunner().invoke(app, [*args, "--json"])
-    assert result.exit_code == 0, result.output
-    out = json.loads(result.stdout)
+    result = cli(*args, "--json")
+    assert result.code == 0, result.err
+    out = result.json()
     assert [lv["concurrency"] for lv in out["levels"]] == [1, 2]
     assert out["meta"]["model"] == "fake-model"  # discovered from /v1/models
     for lv in out["levels"]:
@@ -384,32 +410,30 @@ def test_bench_cli_end_to_end(server: FakeServer, home: Path, tmp_path: Path) ->
     images = png_images(report)
     assert len(images) == 3 and all(img.startswith(PNG) for img in images)
     # Throughput was recorded for `freehold cost`.
-    rec = measurements.latest_throughput("fake-model")
+    rec = measurements.latest_throughput(paths(home), "fake-model")
     assert rec is not None and rec.decode_tps == pytest.approx(
         max(lv["output_throughput"] for lv in out["levels"])
     )
     assert rec.prefill_tps == pytest.approx(12 / TTFT, rel=0.05)  # calibrated: 12 tokens
-    human = CliRunner().invoke(app, [*args[:-4], "--rate", "20", "--concurrency", "2"])
-    assert human.exit_code == 0, human.output
-    assert "rate 20/s" in human.stdout and "TPOT" in human.stdout
-    cost = CliRunner().invoke(app, ["cost"])
-    assert cost.exit_code == 0, cost.output
-    assert "measured by bench --url" in cost.stdout
+    human = cli(*args[:-4], "--rate", "20", "--concurrency", "2")
+    assert human.code == 0, human.err
+    assert "rate 20/s" in human.out and "TPOT" in human.out
+    cost = cli("cost")
+    assert cost.code == 0, cost.err
+    assert "measured by bench --url" in cost.out
 
 
-def test_bench_cli_errors(home: Path) -> None:
-    result = CliRunner().invoke(app, ["bench"])  # neither a model nor a server
-    assert isinstance(result.exception, InvalidInput)
-    assert "--url" in str(result.exception)
-    result = CliRunner().invoke(
-        app, ["bench", "--url", "http://127.0.0.1:9", "--model", "m", "--slo", "ttft=fast"]
-    )
-    assert isinstance(result.exception, InvalidInput)
+def test_bench_cli_errors(home: Path, cli) -> None:
+    result = cli("bench")  # neither a model nor a server
+    assert result.code == 2 and result.out == ""
+    assert result.err.startswith("error:") and "--url" in result.err
+    result = cli("bench", "--url", "http://127.0.0.1:9", "--model", "m", "--slo", "ttft=fast")
+    assert result.code == 2 and result.err.startswith("error:") and "--slo" in result.err
 
 
 def test_bench_report_handles_an_unbounded_rate(tmp_path: Path) -> None:
     from freehold.measure import report
-    from freehold.measure.metrics import RequestRecord, summarize
+    from freehold.measure.serving_stats import RequestRecord, summarize
 
     recs = [RequestRecord(0, 0.0, True, 0.1, 0.5, [0.1] * 4, 10, 5)]
     levels = [

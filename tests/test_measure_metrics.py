@@ -7,7 +7,7 @@ import math
 import pytest
 
 from freehold.errors import InvalidInput
-from freehold.measure.metrics import RequestRecord, meets_slo, parse_slo, summarize
+from freehold.measure.serving_stats import RequestRecord, meets_slo, parse_slo, summarize
 
 
 def rec(i: int, ttft: float, e2e: float, out: int, itl: list[float], prompt: int = 10):
@@ -73,5 +73,8 @@ def test_raw_json_is_milliseconds_without_text() -> None:
         "itl_ms",
         "prompt_tokens",
         "output_tokens",
+        "cached_tokens",
+        "user",
+        "turn",
         "error",
     }

@@ -35,10 +35,10 @@ ROWS = [
 
 @pytest.fixture
 def served(home: Path, tmp_path: Path) -> Path:
-    p = paths()
-    hardware.set_profile(["rent_usd_per_hour=3.6", "utilisation=100%", "ops_usd_per_hour=0"], p)
-    measurements.record_throughput("smollm2", 100.0, 1000.0, "test", p=p)
-    ledger = Ledger(p.ledger)
+    h = paths(home)
+    hardware.set_profile(["rent_usd_per_hour=3.6", "utilisation=100%", "ops_usd_per_hour=0"], h)
+    measurements.record_throughput("smollm2", 100.0, 1000.0, "test", home=h)
+    ledger = Ledger(h.ledger)
     for n, (key, model, day, prompt, cached, completion, status) in enumerate(ROWS):
         ledger.record(
             UsageRecord(
@@ -66,8 +66,8 @@ def _api(g: savings.GroupSavings, name: str) -> savings.ApiCost:
     return next(a for a in g.apis if a.comparator == name)
 
 
-def test_by_key_hand_worked(served: Path) -> None:
-    rep = savings.build_savings(by="key", price_file=served)
+def test_by_key_hand_worked(served: Path, home: Path) -> None:
+    rep = savings.build_savings(by="key", price_file=served, home=paths(home))
     assert rep.utilisation == 1.0 and rep.hourly_usd == pytest.approx(3.6)
     (rate,) = rep.rates
     assert (rate.input_per_mtok, rate.output_per_mtok) == (pytest.approx(1.0), pytest.approx(10.0))
@@ -98,14 +98,15 @@ def test_by_key_hand_worked(served: Path) -> None:
     assert _api(t, "Cheap small").as_of == "2026-03-04"
 
 
-def test_by_day_since_and_by_model(served: Path) -> None:
-    days = savings.build_savings(by="day", price_file=served)
+def test_by_day_since_and_by_model(served: Path, home: Path) -> None:
+    h = paths(home)
+    days = savings.build_savings(by="day", price_file=served, home=h)
     assert [g.group for g in days.groups] == ["2026-05-01", "2026-05-02"]
-    late = savings.build_savings(by="day", since="2026-05-02", price_file=served)
+    late = savings.build_savings(by="day", since="2026-05-02", price_file=served, home=h)
     (day,) = late.groups
     assert (day.group, day.requests, day.prompt_tokens) == ("2026-05-02", 3, 3010)
     assert late.total.here_usd == pytest.approx(0.007)
-    models = savings.build_savings(by="model", price_file=served, only=["dear"])
+    models = savings.build_savings(by="model", price_file=served, only=["dear"], home=h)
     assert [g.group for g in models.groups] == ["smollm2", "unmeasured"]
     nothing = models.groups[1]
     assert nothing.here_usd == 0 and [a.savings_pct for a in nothing.apis] == [None]
@@ -135,4 +136,4 @@ def test_empty_and_bad_input(cli, home: Path) -> None:
     r = cli("savings", "--since", "last tuesday")
     assert r.code == 2 and "--since" in r.err
     with pytest.raises(InvalidInput):
-        savings.build_savings(only=["no such provider"])
+        savings.build_savings(only=["no such provider"], home=paths(home))

@@ -146,3 +146,34 @@ def test_the_guard_sees_outbound_connections(env: dict[str, str]) -> None:
     events = [json.loads(line) for line in Path(env["GUARD_LOG"]).read_text().splitlines()]
     dests = [e[1] for e in events if e[0] == "socket.connect"]
     assert [_is_loopback(d) for d in dests] == [False, True]
+
+
+def test_the_banner_comes_when_its_curl_line_works(env: dict[str, str]) -> None:
+    """The curl line printed at start, run the moment it appears, gets an answer, not a 503."""
+    port = free_port()
+    proc = _guarded(
+        ["serve", "--port", str(port), "--slots", "1", "--threads", "2", "--ctx", "512"],
+        env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        seen: list[str] = []
+        for line in proc.stdout:
+            seen.append(line)
+            if line.strip().startswith("curl "):
+                command = line.rstrip().removesuffix("\\") + next(proc.stdout)
+                break
+        else:
+            raise AssertionError("no curl line in:\n" + "".join(seen))
+        assert any(line.startswith("Loading ") for line in seen)
+        done = subprocess.run(
+            ["bash", "-c", command], capture_output=True, text=True, timeout=60, env=env
+        )
+        reply = json.loads(done.stdout)
+        assert reply["choices"][0]["message"]["content"], reply
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)

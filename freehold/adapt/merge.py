@@ -15,7 +15,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from freehold.adapt.quantize import QUANT_TYPES, check_type, quantize
+from freehold.adapt.quantizer import QUANT_TYPES, check_type, quantize
 from freehold.errors import InvalidInput
 from freehold.vault.catalog import ModelRecord
 from freehold.vault.store import Vault
@@ -94,7 +94,7 @@ def merge_model(
     target = name or f"{adapter.name}-merged:{qtype.lower()}"
     if vault.catalog.find(target) is not None:
         raise InvalidInput(f"'{target}' already exists in the vault: choose another --name")
-    stem = vault.paths.tmp / f"merge-{os.getpid()}"
+    stem = vault.home.tmp / f"merge-{os.getpid()}"
     f32, out = stem.with_suffix(".f32.partial"), stem.with_suffix(f".{qtype}.partial")
     try:
         changed = merge_to_f32(vault.blob_path(base), vault.blob_path(adapter), f32)

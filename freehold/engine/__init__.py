@@ -18,6 +18,7 @@ from freehold.engine.chat_template import (
     template_source,
 )
 from freehold.engine.model import Model, ModelInfo, physical_cores
+from freehold.engine.prompt_cache import CacheStats, PromptCache
 from freehold.engine.residency import InsufficientMemory, ModelPool
 from freehold.engine.sampling import SamplingParams, logit_bias_from_strings
 from freehold.engine.scheduler import Engine, EngineConfig
@@ -42,6 +43,7 @@ from freehold.engine.types import (
 
 __all__ = [
     "BUILTIN_TEMPLATES",
+    "CacheStats",
     "ChatTemplate",
     "ChatTemplateError",
     "Completion",
@@ -58,6 +60,7 @@ __all__ = [
     "Model",
     "ModelInfo",
     "ModelPool",
+    "PromptCache",
     "QueueFull",
     "ReplySplitter",
     "RequestHandle",

@@ -110,6 +110,9 @@ class Model:
         p = Path(path)
         if not p.is_file():
             raise NotFound(f"model file {p} does not exist; check the path or the vault name")
+        from freehold.vault.gguf_meta import read_info
+
+        read_info(p)  # llama.cpp aborts the process on some damaged headers: refuse them first
         ensure_backend()
         ptr = ll.llama_model_load_from_file(str(p).encode(), load_params(use_mmap=use_mmap))
         if not ptr:

@@ -3,7 +3,8 @@
 Each loaded model is its own `Engine` with its own scheduler thread. Loads run on a background
 loader thread (llama.cpp releases the GIL while reading weights), so models already loaded keep
 serving. When a new model does not fit, idle models are unloaded least-recently-used first; a
-model idle for longer than its keep-alive is unloaded by a reaper thread.
+model idle for longer than its keep-alive is unloaded by a reaper thread. All engines share one
+`PromptCache`, so conversations saved from a model survive its unload and reload.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from freehold.engine.model import available_ram_bytes
+from freehold.engine.prompt_cache import PromptCache
 from freehold.engine.scheduler import Engine, EngineConfig
 from freehold.errors import FreeholdError
 from freehold.vault import ModelSpec, resolve_model_spec
@@ -57,8 +59,10 @@ class ModelPool:
         keep_alive_s: float = 300.0,
         config: EngineConfig | None = None,
         resolver: Callable[[str], Path | ModelSpec] = default_resolver,
+        prompt_cache: PromptCache | None = None,
     ) -> None:
         self.budget_bytes = budget_bytes or int(available_ram_bytes() * 0.75)
+        self.prompt_cache = prompt_cache
         self.keep_alive_s = keep_alive_s
         self.config = config
         self._resolve = resolver
@@ -142,7 +146,7 @@ class ModelPool:
     def _load(self, ref: str, path: Path, config: EngineConfig | None) -> Engine:
         try:
             self._make_room(self.estimate_bytes(path), ref)
-            engine = Engine(path, config, name=ref)
+            engine = Engine(path, config, name=ref, prompt_cache=self.prompt_cache)
             actual = engine.model.info().size_bytes + (
                 engine.model.kv_bytes_per_token() * engine.n_ctx_per_slot * engine.n_slots
             )

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from freehold.engine.chat_template import ChatTemplateError, Message, template_source
-from freehold.engine.residency import default_resolver
 from freehold.engine.sampling import SamplingParams
 from freehold.engine.scheduler import Engine, EngineConfig
 from freehold.engine.types import Completion, RequestHandle
+from freehold.vault import resolve_model_spec
+
+if TYPE_CHECKING:
+    from freehold.config import Paths
 
 
 def open_engine(
@@ -19,14 +22,16 @@ def open_engine(
     n_threads: int | None = None,
     n_slots: int = 1,
     chat_template: str | None = None,
+    home: Paths | None = None,
 ) -> Engine:
-    """Load a vault name, .gguf path or BASE+ADAPTER for a single user (one slot by default).
+    """Load a vault name (in `home`), .gguf path or BASE+ADAPTER for a single user (one slot by
+    default).
 
     `chat_template` is a built-in NAME or a Jinja FILE that replaces the model's own template.
     """
     # Resolved first, so a bad name fails before the weights load.
     source = template_source(chat_template) if chat_template is not None else None
-    spec = default_resolver(ref)
+    spec = resolve_model_spec(ref, home)
     cfg = EngineConfig(
         n_slots=n_slots,
         n_ctx_per_slot=n_ctx,

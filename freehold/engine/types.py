@@ -249,19 +249,6 @@ class RequestHandle:
                 )
         raise RuntimeError("request ended without a Finished event")  # pragma: no cover
 
-    async def aresult(self) -> Completion:
-        text: list[str] = []
-        toks: list[int] = []
-        lps: list[TokenLogprob] = []
-        async for ev in self:
-            if isinstance(ev, Delta):
-                text.append(ev.text)
-                toks.extend(ev.tokens)
-                lps.extend(ev.logprobs)
-            else:
-                return Completion("".join(text), toks, ev.finish_reason, ev.usage, ev.timings, lps)
-        raise RuntimeError("request ended without a Finished event")  # pragma: no cover
-
 
 @dataclass(frozen=True)
 class EngineStats:
@@ -277,3 +264,11 @@ class EngineStats:
     prompt_tokens_computed: int
     prompt_tokens_cached: int
     compute_seconds: float = 0.0  # inside llama_decode since load: its rate is how busy it is
+    prompt_cache_hits: int = 0  # requests whose prefix was restored from the host-memory cache
+    prompt_cache_misses: int = 0  # requests for which that cache held nothing longer
+
+    @property
+    def cached_share(self) -> float:
+        """Share of prompt tokens served from cache rather than computed, since load."""
+        total = self.prompt_tokens_cached + self.prompt_tokens_computed
+        return self.prompt_tokens_cached / total if total else 0.0

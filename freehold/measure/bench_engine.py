@@ -197,11 +197,12 @@ def run_engine_bench(
     *,
     on_progress: OnProgress | None = None,
     record: bool = True,
-    p: Paths | None = None,
+    home: Paths,
 ) -> EngineBenchResult:
-    """Load `model` (vault name, .gguf path or BASE+ADAPTER), run every test, record the rates."""
+    """Load `model` (vault name in `home`, .gguf path or BASE+ADAPTER), run every test, and with
+    `record` keep the rates in `home`."""
     opts = (opts or EngineBenchOptions()).validate()
-    spec = model if isinstance(model, ModelSpec) else resolve_model_spec(model)
+    spec = model if isinstance(model, ModelSpec) else resolve_model_spec(model, home)
     rng = random.Random(opts.seed)
     plan = _plan(opts)
     total = 1 + len(plan) * opts.repeats
@@ -230,7 +231,7 @@ def run_engine_bench(
         aggregate=[results[s] for s in sorted(set(opts.sequences))],
     )
     if record:
-        out.recorded = _record(out, p)
+        out.recorded = _record(out, home)
     return out
 
 
@@ -239,7 +240,7 @@ def _report(on_progress: OnProgress | None, test: str, done: int, total: int) ->
         on_progress(test, done, total)
 
 
-def _record(r: EngineBenchResult, p: Paths | None) -> measurements.Throughput:
+def _record(r: EngineBenchResult, home: Paths) -> measurements.Throughput:
     best = r.best_decode()
     detail = {
         "decode_from": f"{best.test} (engine, mean of {r.options.repeats})",
@@ -248,5 +249,5 @@ def _record(r: EngineBenchResult, p: Paths | None) -> measurements.Throughput:
         "adapters": r.adapters,
     }
     return measurements.record_throughput(
-        r.model, best.tokens_per_s.mean, r.pp.tokens_per_s.mean, SOURCE, detail, p=p
+        r.model, best.tokens_per_s.mean, r.pp.tokens_per_s.mean, SOURCE, detail, home=home
     )

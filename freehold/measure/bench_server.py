@@ -2,6 +2,7 @@
 
 Builds the prompts (synthetic, sized with the server's own token counts, or a JSONL dataset),
 runs each load level, saves raw timings if asked and records throughput for `freehold cost`.
+The multi-turn and agent workloads (see `workloads`) run one level of conversations instead.
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ import httpx
 
 from freehold.config import Paths
 from freehold.errors import InvalidInput
-from freehold.measure import loadgen, measurements
+from freehold.measure import loadgen, measurements, workloads
 from freehold.measure.loadgen import LOOPBACK, Level, OnDone, Prompt, Target
-from freehold.measure.metrics import Summary
+from freehold.measure.serving_stats import Summary
+from freehold.measure.workloads import WorkloadSpec
+
+RANDOM_INPUT_LEN = RANDOM_OUTPUT_LEN = 128
 
 
 @dataclass
@@ -30,13 +34,28 @@ class BenchOptions:
     concurrency: list[int] | None = None
     rates: list[float] | None = None
     burstiness: float = 1.0
-    input_len: int = 128
-    output_len: int = 128
+    input_len: int | None = None  # None: 128 for random prompts, the workload's default else
+    output_len: int | None = None
     num_prompts: int = 32
     dataset: Path | None = None
     slo: dict[str, float] | None = None
     seed: int = 0
     calibrate: bool = True
+    workload: str = "random"
+    users: int | None = None  # multi-turn and agent: None takes the workload's default
+    turns: int | None = None
+    prefix_len: int | None = None
+
+    def spec(self) -> WorkloadSpec:
+        """The multi-turn or agent workload these options ask for."""
+        return WorkloadSpec.of(
+            self.workload,
+            users=self.users,
+            turns=self.turns,
+            prefix_len=self.prefix_len,
+            input_len=self.input_len,
+            output_len=self.output_len,
+        )
 
 
 @dataclass
@@ -83,17 +102,24 @@ def discover_model(target: Target) -> str:
         raise InvalidInput(f"--model not given and {url} did not list one: pass --model") from None
 
 
+def _sizes(opts: BenchOptions) -> tuple[int, int]:
+    """Input and output tokens of the random workload's prompts."""
+    n_in = RANDOM_INPUT_LEN if opts.input_len is None else opts.input_len
+    return n_in, RANDOM_OUTPUT_LEN if opts.output_len is None else opts.output_len
+
+
 def _prompts(opts: BenchOptions, n_levels: int) -> tuple[list[list[Prompt]], int | None]:
     chat = opts.target.endpoint == "chat"
+    input_len, output_len = _sizes(opts)
     if opts.dataset is not None:
-        prompts = loadgen.load_dataset(opts.dataset, opts.output_len, opts.num_prompts, chat)
+        prompts = loadgen.load_dataset(opts.dataset, output_len, opts.num_prompts, chat)
         return [prompts] * n_levels, None
-    words = opts.input_len
+    words = input_len
     if opts.calibrate:
-        words = asyncio.run(loadgen.calibrate_words(opts.target, opts.input_len, opts.seed))
+        words = asyncio.run(loadgen.calibrate_words(opts.target, input_len, opts.seed))
     # Fresh prompts for every level, so a prefix cache warmed by one level cannot flatter the next.
     every = loadgen.synthetic_prompts(
-        opts.num_prompts * n_levels, words, opts.output_len, opts.seed, chat
+        opts.num_prompts * n_levels, words, output_len, opts.seed, chat
     )
     n = opts.num_prompts
     return [every[i * n : (i + 1) * n] for i in range(n_levels)], words
@@ -105,9 +131,12 @@ def run_bench(
     on_level: Callable[[str, int], None] | None = None,
     on_done: OnDone | None = None,
     record: bool = True,
-    p: Paths | None = None,
+    home: Paths,
 ) -> BenchResult:
+    """Every load level against `opts.target`; with `record`, keeps the throughput in `home`."""
     loadgen.check_target(opts.target)
+    if opts.workload != "random":
+        return _run_workload(opts, on_level, on_done)
     if opts.rates:
         plan: list[tuple[int | None, float | None]] = [
             (opts.concurrency[0] if opts.concurrency else None, r) for r in opts.rates
@@ -135,20 +164,19 @@ def run_bench(
             )
         )
     result = BenchResult(opts, levels, words)
+    input_len, output_len = _sizes(opts)
     result.meta = {
         "url": opts.target.url,
         "model": opts.target.model,
         "endpoint": opts.target.request_url,
         "prompts": str(opts.dataset)
         if opts.dataset
-        else f"synthetic: {opts.input_len} input tokens ({words} words), {opts.output_len} output",
+        else f"synthetic: {input_len} input tokens ({words} words), {output_len} output",
         "prompts per level": len(per_level[0]),
         "burstiness": opts.burstiness if opts.rates else "-",
         "slo ms": json.dumps(opts.slo) if opts.slo else "-",
     }
-    if all(lv.summary.completed == 0 for lv in levels):
-        first = next((lv.summary.first_error for lv in levels if lv.summary.first_error), "")
-        raise InvalidInput(f"no request to {opts.target.request_url} succeeded: {first}")
+    _check_some_succeeded(opts.target, levels)
     if record:
         prefill, decode, detail = loadgen.throughput_for_cost(levels)
         detail["url"] = opts.target.url
@@ -158,8 +186,54 @@ def run_bench(
             prefill,
             source=f"bench --url {opts.target.url}",
             detail=detail,
-            p=p,
+            home=home,
         )
+    return result
+
+
+def _check_some_succeeded(target: Target, levels: list[Level]) -> None:
+    if all(lv.summary.completed == 0 for lv in levels):
+        first = next((lv.summary.first_error for lv in levels if lv.summary.first_error), "")
+        raise InvalidInput(f"no request to {target.request_url} succeeded: {first}")
+
+
+def _run_workload(
+    opts: BenchOptions,
+    on_level: Callable[[str, int], None] | None,
+    on_done: OnDone | None,
+) -> BenchResult:
+    """One level of conversations: --users chats at once, each --turns turns long."""
+    if opts.concurrency or opts.rates or opts.dataset:
+        raise InvalidInput(
+            f"--workload {opts.workload} sets its own load (--users conversations at once, "
+            "--turns each): drop --concurrency, --rate and --dataset"
+        )
+    spec = opts.spec()
+    target = workloads.chat_target(opts.target)
+    sizing = workloads.Sizing.uncalibrated(spec)
+    if opts.calibrate:
+        sizing = asyncio.run(workloads.calibrate(target, spec, opts.seed))
+    script = workloads.build_script(spec, opts.seed, sizing)
+    if on_level:
+        on_level(spec.label, spec.users * spec.turns)
+    level = workloads.run_script(target, script, slo=opts.slo, on_done=on_done)
+    _check_some_succeeded(target, [level])
+    prefix = "tool definitions" if spec.kind == "agent" else "system prompt"
+    unit = "tokens" if opts.calibrate else "words"
+    result = BenchResult(opts, [level], sizing.message_words)
+    result.meta = {
+        "url": target.url,
+        "model": target.model,
+        "endpoint": target.request_url,
+        "workload": spec.label,
+        "prompts": f"shared {prefix} {spec.prefix_len} {unit} ({sizing.prefix_words} words), "
+        f"user messages {spec.input_len} {unit} ({sizing.message_words} words), "
+        f"{spec.output_len} output tokens a reply; history re-sent every turn",
+        "seed": opts.seed,
+        "slo ms": json.dumps(opts.slo) if opts.slo else "-",
+        # Shared prefixes make prompt tokens / TTFT a cache figure, not a prefill rate.
+        "recorded for cost": "no: use the random workload",
+    }
     return result
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from freehold.config import Paths
 from freehold.engine.adapters import attach_lora
 from freehold.engine.model import load_params
 from freehold.errors import FreeholdError, InvalidInput, NotFound
@@ -72,9 +73,9 @@ def load_text(path: Path) -> str:
         raise InvalidInput(f"{path} is not UTF-8 text: convert it or pick another file") from None
 
 
-def resolve_model(ref: str) -> ModelSpec:
-    """A vault name, a .gguf path, or BASE+ADAPTER to what to load."""
-    return resolve_model_spec(ref)
+def resolve_model(ref: str, home: Paths) -> ModelSpec:
+    """A vault name in `home`, a .gguf path, or BASE+ADAPTER to what to load."""
+    return resolve_model_spec(ref, home)
 
 
 def _spec(model: Path | ModelSpec) -> ModelSpec:

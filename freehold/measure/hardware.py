@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from freehold.atomic import write_text
-from freehold.config import Paths, paths, read_settings
+from freehold.config import Paths, read_settings
 from freehold.errors import InvalidInput
-from freehold.measure.cost import CostInputs
+from freehold.measure.cost_formulas import CostInputs
 
 SETTINGS_KEY = "hardware"
 
@@ -137,9 +137,8 @@ def detect() -> Machine:
 # ---- persistence ----------------------------------------------------------------------------
 
 
-def load_profile(p: Paths | None = None) -> Profile:
-    p = p or paths()
-    saved = read_settings(p).get(SETTINGS_KEY, {}) or {}
+def load_profile(home: Paths) -> Profile:
+    saved = read_settings(home).get(SETTINGS_KEY, {}) or {}
     values: dict[str, float] = {}
     origin: dict[str, str] = {}
     for key in KEYS:
@@ -148,7 +147,7 @@ def load_profile(p: Paths | None = None) -> Profile:
                 values[key], origin[key] = float(saved[key]), "set"
             except (TypeError, ValueError):
                 raise InvalidInput(
-                    f"{p.settings}: hardware.{key} = {saved[key]!r} is not a number: "
+                    f"{home.settings}: hardware.{key} = {saved[key]!r} is not a number: "
                     f"fix it with `freehold cost --set {key}=VALUE`"
                 ) from None
         elif key in DEFAULTS:
@@ -179,9 +178,8 @@ def parse_value(key: str, raw: str) -> float:
     return value
 
 
-def set_profile(assignments: list[str], p: Paths | None = None) -> Profile:
+def set_profile(assignments: list[str], home: Paths) -> Profile:
     """Apply `key=value` assignments (`key=` forgets a value) and save them atomically."""
-    p = p or paths()
     changes: dict[str, float | None] = {}
     # `--set "a=1 b=2"` and repeated `--set a=1 --set b=2` both work.
     for item in (part for a in assignments for part in a.split()):
@@ -195,7 +193,7 @@ def set_profile(assignments: list[str], p: Paths | None = None) -> Profile:
             changes[key] = None
         else:
             changes[key] = parse_value(key, raw)
-    settings = read_settings(p)
+    settings = read_settings(home)
     saved = dict(settings.get(SETTINGS_KEY, {}) or {})
     for key, value in changes.items():
         if value is None:
@@ -203,5 +201,5 @@ def set_profile(assignments: list[str], p: Paths | None = None) -> Profile:
         else:
             saved[key] = value
     settings[SETTINGS_KEY] = saved
-    write_text(p.settings, json.dumps(settings, indent=2, sort_keys=True) + "\n")
-    return load_profile(p)
+    write_text(home.settings, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    return load_profile(home)

@@ -7,13 +7,16 @@ Two ways to offer load:
   `max_concurrency` requests in flight.
 
 Output tokens come from the server's `usage` (asked for with `stream_options.include_usage`);
-a stream without usage counts as failed rather than being estimated. Prompt text never leaves
-this module except in the request itself.
+a stream without usage counts as failed rather than being estimated. Cached prompt tokens come
+from the usage too, or llama-server's `timings`. Prompt and reply text never leave this module
+except in requests (`workloads` sends a conversation's replies back in its next turn), and
+never reach a record, a log or a saved file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import re
@@ -29,7 +32,7 @@ import httpx
 import numpy as np
 
 from freehold.errors import InvalidInput, NotFound
-from freehold.measure.metrics import RequestRecord, Summary, summarize
+from freehold.measure.serving_stats import RequestRecord, Summary, summarize
 
 ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -98,9 +101,11 @@ def check_target(target: Target) -> None:
 # ---- prompts --------------------------------------------------------------------------------
 
 
-def _vocabulary() -> list[str]:
+@functools.cache
+def vocabulary() -> tuple[str, ...]:
+    """The distinct words of the packaged corpus, sorted: what synthetic prompts are made of."""
     text = files("freehold.measure").joinpath("data", "corpus.txt").read_text(encoding="utf-8")
-    return sorted({w.lower() for w in re.findall(r"[A-Za-z]{3,}", text)})
+    return tuple(sorted({w.lower() for w in re.findall(r"[A-Za-z]{3,}", text)}))
 
 
 def synthetic_prompts(
@@ -109,7 +114,7 @@ def synthetic_prompts(
     """`n` distinct prompts of `words` random words each, so no prefix cache can help."""
     if n < 1 or words < 1 or output_len < 1:
         raise InvalidInput("--num-prompts, --input-len and --output-len must be at least 1")
-    vocab = _vocabulary()
+    vocab = vocabulary()
     rng = np.random.default_rng(seed)
     prompts = []
     for _ in range(n):
@@ -200,14 +205,28 @@ def _is_token_chunk(choice: dict[str, Any], chat: bool) -> bool:
     return has_content or bool(delta.get("tool_calls")) or choice.get("finish_reason") is not None
 
 
+def _reply_text(choice: dict[str, Any], chat: bool) -> str:
+    """The visible text a chunk adds: what a chat client shows and sends back next turn."""
+    if not chat:
+        return str(choice.get("text") or "")
+    return str((choice.get("delta") or {}).get("content") or "")
+
+
 async def send_request(
-    client: httpx.AsyncClient, target: Target, prompt: Prompt, index: int, t0: float
+    client: httpx.AsyncClient,
+    target: Target,
+    prompt: Prompt,
+    index: int,
+    t0: float,
+    reply: list[str] | None = None,
 ) -> RequestRecord:
-    """Send one streaming request and time its chunks."""
+    """Send one streaming request and time its chunks. With `reply`, the streamed text is
+    appended to it (for a conversation's next turn); it never goes into the record."""
     rec = RequestRecord(index=index)
     chat = target.endpoint == "chat"
     body = _payload(target, prompt)
     usage: dict[str, Any] | None = None
+    timings: dict[str, Any] | None = None
     finish: str | None = None
     first = last = 0.0
     got_token = False
@@ -238,9 +257,13 @@ async def send_request(
                     return rec
                 if isinstance(chunk.get("usage"), dict):
                     usage = chunk["usage"]
+                if isinstance(chunk.get("timings"), dict):  # llama.cpp's llama-server
+                    timings = chunk["timings"]
                 choices = chunk.get("choices")
                 if choices and isinstance(choices[0], dict):
                     finish = choices[0].get("finish_reason") or finish
+                    if reply is not None:
+                        reply.append(_reply_text(choices[0], chat))
                 if choices and _is_token_chunk(choices[0], chat):
                     if not got_token:
                         got_token, first = True, now
@@ -254,9 +277,9 @@ async def send_request(
         rec.error = "the stream carried no tokens"
         return rec
     rec.ttft, rec.e2e = first - st, last - st
+    rec.prompt_tokens, rec.cached_tokens = prompt_counts(usage, timings)
     if usage is not None and isinstance(usage.get("completion_tokens"), int):
         rec.output_tokens = usage["completion_tokens"]
-        rec.prompt_tokens = int(usage.get("prompt_tokens") or 0)
     elif finish == "length":
         # No usage (e.g. llama-cpp-python's server), but stopping for length means exactly
         # max_tokens were generated. The prompt's size stays unknown (0).
@@ -271,10 +294,32 @@ async def send_request(
     return rec
 
 
+def _int(x: Any) -> int | None:
+    return x if isinstance(x, int) and not isinstance(x, bool) and x >= 0 else None
+
+
+def prompt_counts(
+    usage: dict[str, Any] | None, timings: dict[str, Any] | None
+) -> tuple[int, int | None]:
+    """Prompt tokens (0: unknown) and how many of them the server took from its cache (None:
+    unknown), from OpenAI's `usage.prompt_tokens_details.cached_tokens` or, failing that,
+    llama-server's `timings`: `cache_n` tokens reused and `prompt_n` tokens computed."""
+    usage, timings = usage or {}, timings or {}
+    details = usage.get("prompt_tokens_details")
+    cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
+    cache_n, prompt_n = _int(timings.get("cache_n")), _int(timings.get("prompt_n"))
+    if cached is None:
+        cached = cache_n
+    prompt = _int(usage.get("prompt_tokens"))
+    if prompt is None and cache_n is not None and prompt_n is not None:
+        prompt = cache_n + prompt_n
+    return prompt or 0, cached
+
+
 # ---- load patterns --------------------------------------------------------------------------
 
 
-async def _warm_up(client: httpx.AsyncClient, target: Target) -> None:
+async def warm_up(client: httpx.AsyncClient, target: Target) -> None:
     """One tiny untimed request first, so the client's one-off set-up costs (imports, first
     connection) do not land on the first measured request. Its words are not in any prompt."""
     probe = (
@@ -285,7 +330,7 @@ async def _warm_up(client: httpx.AsyncClient, target: Target) -> None:
     await send_request(client, target, probe, -1, time.perf_counter())
 
 
-def _client(target: Target) -> httpx.AsyncClient:
+def http_client(target: Target) -> httpx.AsyncClient:
     host = urlparse(target.url).hostname or ""
     return httpx.AsyncClient(
         timeout=httpx.Timeout(target.timeout_s),
@@ -305,8 +350,8 @@ async def closed_loop(
     for item in enumerate(prompts):
         queue.put_nowait(item)
     records: list[RequestRecord] = []
-    async with _client(target) as client:
-        await _warm_up(client, target)
+    async with http_client(target) as client:
+        await warm_up(client, target)
         t0 = time.perf_counter()
 
         async def worker() -> None:
@@ -335,8 +380,8 @@ async def open_loop(
     offsets = arrival_offsets(len(prompts), rate, burstiness, seed)
     gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     records: list[RequestRecord] = []
-    async with _client(target) as client:
-        await _warm_up(client, target)
+    async with http_client(target) as client:
+        await warm_up(client, target)
         t0 = time.perf_counter()
 
         async def one(i: int, prompt: Prompt) -> None:
@@ -360,31 +405,42 @@ async def open_loop(
     return sorted(records, key=lambda r: r.index), duration
 
 
-async def calibrate_words(target: Target, input_len: int, seed: int = 0) -> int:
-    """How many random words make `input_len` prompt tokens on this server, from two probes.
-
-    The server's own usage counts tokens (chat templates included), so no local tokenizer is
-    needed: fit tokens = a + b * words through two probe prompts and solve for `input_len`.
-    """
-    chat = target.endpoint == "chat"
-    sizes = (max(input_len // 4, 1), max(input_len, 2))
+async def fit_tokens(
+    client: httpx.AsyncClient,
+    target: Target,
+    make: Callable[[int], Prompt],
+    sizes: tuple[int, int],
+) -> tuple[float, float]:
+    """Fit prompt tokens = offset + slope * k through two probes `make(k)`, counted by the
+    server's own usage (chat templates included), so no local tokenizer is needed."""
     counts = []
-    async with _client(target) as client:
-        for k in sizes:
-            (probe,) = synthetic_prompts(1, k, 1, seed=seed + 10_000 + k, chat=chat)
-            rec = await send_request(client, target, probe, -1, time.perf_counter())
-            if not rec.success:
-                raise InvalidInput(f"cannot reach a working server at {target.url}: {rec.error}")
-            if not rec.prompt_tokens:
-                raise InvalidInput(
-                    f"{target.url} reports no prompt token counts (no streamed usage), so "
-                    "prompts cannot be sized in tokens: use --no-calibrate (--input-len in words)"
-                )
-            counts.append(rec.prompt_tokens)
+    for k in sizes:
+        rec = await send_request(client, target, make(k), -1, time.perf_counter())
+        if not rec.success:
+            raise InvalidInput(f"cannot reach a working server at {target.url}: {rec.error}")
+        if not rec.prompt_tokens:
+            raise InvalidInput(
+                f"{target.url} reports no prompt token counts (no streamed usage), so "
+                "prompts cannot be sized in tokens: use --no-calibrate (--input-len in words)"
+            )
+        counts.append(rec.prompt_tokens)
     slope = (counts[1] - counts[0]) / (sizes[1] - sizes[0]) if sizes[1] != sizes[0] else 0.0
+    return counts[0] - slope * sizes[0], slope
+
+
+async def calibrate_words(target: Target, input_len: int, seed: int = 0) -> int:
+    """How many random words make `input_len` prompt tokens on this server, from two probes."""
+    chat = target.endpoint == "chat"
+
+    def probe(k: int) -> Prompt:
+        return synthetic_prompts(1, k, 1, seed=seed + 10_000 + k, chat=chat)[0]
+
+    async with http_client(target) as client:
+        offset, slope = await fit_tokens(
+            client, target, probe, (max(input_len // 4, 1), max(input_len, 2))
+        )
     if slope <= 0:
         return input_len
-    offset = counts[0] - slope * sizes[0]
     return max(1, round((input_len - offset) / slope))
 
 

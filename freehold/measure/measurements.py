@@ -13,7 +13,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from freehold.config import Paths, paths
+from freehold.config import Paths
 
 
 @dataclass(frozen=True)
@@ -34,9 +34,9 @@ def record_throughput(
     prefill_tps: float | None,
     source: str,
     detail: dict[str, Any] | None = None,
-    p: Paths | None = None,
+    *,
+    home: Paths,
 ) -> Throughput:
-    p = p or paths()
     rec = Throughput(
         model=model,
         prefill_tps=prefill_tps,
@@ -45,10 +45,10 @@ def record_throughput(
         measured_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         detail=detail or {},
     )
-    p.measurements.parent.mkdir(parents=True, exist_ok=True)
+    home.measurements.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(asdict(rec), sort_keys=True) + "\n").encode()
     # One write() on an O_APPEND descriptor: lines from concurrent writers never interleave.
-    fd = os.open(p.measurements, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(home.measurements, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line)
     finally:
@@ -56,12 +56,11 @@ def record_throughput(
     return rec
 
 
-def all_throughput(p: Paths | None = None) -> list[Throughput]:
-    p = p or paths()
-    if not p.measurements.exists():
+def all_throughput(home: Paths) -> list[Throughput]:
+    if not home.measurements.exists():
         return []
     out = []
-    for line in p.measurements.read_text(encoding="utf-8").splitlines():
+    for line in home.measurements.read_text(encoding="utf-8").splitlines():
         try:
             d = json.loads(line)
             out.append(Throughput(**d))
@@ -70,9 +69,9 @@ def all_throughput(p: Paths | None = None) -> list[Throughput]:
     return out
 
 
-def latest_throughput(model: str | None = None, p: Paths | None = None) -> Throughput | None:
+def latest_throughput(home: Paths, model: str | None = None) -> Throughput | None:
     """The newest record, for `model` when given (exact name, then file stem)."""
-    records = all_throughput(p)
+    records = all_throughput(home)
     if model is not None:
         records = [r for r in records if r.model == model or _stem(r.model) == _stem(model)]
     return records[-1] if records else None

@@ -16,8 +16,8 @@ from typing import Any
 
 from freehold.atomic import write_text
 from freehold.errors import FreeholdError
-from freehold.measure.costing import CostReport
-from freehold.measure.metrics import Summary
+from freehold.measure.cost_report import CostReport
+from freehold.measure.serving_stats import Summary
 
 STYLE = """
 body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}
@@ -78,6 +78,45 @@ def fmt(x: float | None, digits: int = 2) -> str:
     if x is None or x != x:  # None or NaN
         return "-"
     return f"{x:,.{digits}f}"
+
+
+def share(x: float | None) -> str:
+    """A cached share as a percentage; n/a when the server did not report its cache use."""
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def turn_rows(s: Summary) -> list[list[str]]:
+    """A multi-turn level's per-turn table rows: turn, done, failed, median prompt tokens,
+    cached share, TTFT p50 / p95 ms, output tok/s."""
+    return [
+        [
+            str(t.turn),
+            str(t.completed),
+            str(t.failed),
+            fmt(t.prompt_tokens_median, 0),
+            share(t.cached_share),
+            fmt(t.ttft_p50_ms, 1),
+            fmt(t.ttft_p95_ms, 1),
+            fmt(t.output_throughput, 1),
+        ]
+        for t in s.turns
+    ]
+
+
+TURN_HEADER = (
+    "turn",
+    "done",
+    "failed",
+    "median prompt tok",
+    "cached",
+    "TTFT p50 ms",
+    "TTFT p95 ms",
+    "out tok/s",
+)
+TURN_NOTE = (
+    "Cached: the share of prompt tokens the server reported as reused from its cache. "
+    "Out tok/s: the turn's output tokens over the time from its first request to its last token."
+)
 
 
 # ---- bench ----------------------------------------------------------------------------------
@@ -163,6 +202,7 @@ def bench_html(meta: dict[str, Any], levels: Sequence[Summary]) -> str:
         "req/s",
         "out tok/s",
         "goodput req/s",
+        "cached",
         "TTFT p50/p99 ms",
         "TPOT p50/p99 ms",
         "ITL p50/p99 ms",
@@ -176,6 +216,7 @@ def bench_html(meta: dict[str, Any], levels: Sequence[Summary]) -> str:
             fmt(s.request_throughput),
             fmt(s.output_throughput, 1),
             fmt(s.goodput),
+            share(s.cached_share),
             f"{fmt(s.ttft.median, 1)} / {fmt(s.ttft.p99, 1)}",
             f"{fmt(s.tpot.median, 1)} / {fmt(s.tpot.p99, 1)}",
             f"{fmt(s.itl.median, 1)} / {fmt(s.itl.p99, 1)}",
@@ -187,9 +228,33 @@ def bench_html(meta: dict[str, Any], levels: Sequence[Summary]) -> str:
     note = (
         "<p class='note'>Metrics as vLLM's bench serve: TTFT = request sent to first streamed "
         "token; TPOT = (E2E - TTFT) / (output tokens - 1) per request; ITL = every gap between "
-        "streamed chunks, pooled; output tokens from the server's usage.</p>"
+        "streamed chunks, pooled; output tokens from the server's usage. Cached = prompt tokens "
+        "the server reported as reused from its cache / prompt tokens (n/a: not reported).</p>"
     )
-    return _page("Freehold serving benchmark", [about, _table(header, rows), note, *charts])
+    parts = [about, _table(header, rows), note, *_turn_parts(levels), *charts]
+    return _page("Freehold serving benchmark", parts)
+
+
+def _turn_parts(levels: Sequence[Summary]) -> list[str]:
+    """Multi-turn levels: a per-turn table and TTFT by turn."""
+    parts = []
+    for s in levels:
+        if not s.turns:
+            continue
+        parts.append(
+            f"<h2>{html.escape(s.label)}: by turn</h2><p>Cached share from turn 2 on: "
+            f"<b>{share(s.cached_share_from_turn_2)}</b></p>"
+        )
+        parts.append(_table(TURN_HEADER, turn_rows(s)))
+        parts.append(f"<p class='note'>{html.escape(TURN_NOTE)}</p>")
+        turns = [str(t.turn) for t in s.turns]
+        ttft = {
+            "p50": [t.ttft_p50_ms for t in s.turns],
+            "p95": [t.ttft_p95_ms for t in s.turns],
+        }
+        chart = _line_chart(turns, ttft, "turn", "ms", f"Time to first token by turn ({s.label})")
+        parts.append(_img(chart, "TTFT by turn"))
+    return parts
 
 
 # ---- cost -----------------------------------------------------------------------------------

@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from freehold.config import Paths, paths
+from freehold.config import Paths
 from freehold.errors import FreeholdError, InvalidInput
-from freehold.measure import cost, costing, hardware, prices
+from freehold.measure import cost_formulas, cost_report, hardware, prices
 from freehold.server.ledger import connect
 
 # SQL for each --by, over the ledger's `requests` table (ts is ISO-8601 UTC).
@@ -146,10 +146,10 @@ def read_usage(ledger: Path, by: str, since: str | None = None) -> list[ModelUsa
 # ---- costing --------------------------------------------------------------------------------
 
 
-def rate_for(model: str, p: Paths, machine: hardware.Machine) -> Rate | None:
+def rate_for(model: str, home: Paths, machine: hardware.Machine) -> Rate | None:
     """`freehold cost`'s per-1M figures for `model`; None when its throughput is unmeasured."""
     try:
-        rep = costing.build_report(model=model, p=p, machine=machine)
+        rep = cost_report.build_report(model=model, home=home, machine=machine)
     except InvalidInput:
         return None
     loc = rep.local
@@ -202,7 +202,7 @@ def _price_apis(g: GroupSavings, sheet: Iterable[prices.Price]) -> None:
                 pr.input_per_mtok,
                 pr.output_per_mtok,
                 api,
-                cost.savings_pct(g.here_usd, api) if costed else None,
+                cost_formulas.savings_pct(g.here_usd, api) if costed else None,
             )
         )
 
@@ -213,16 +213,15 @@ def build_savings(
     since: str | None = None,
     price_file: Path | None = None,
     only: list[str] | None = None,
-    p: Paths | None = None,
+    home: Paths,
     machine: hardware.Machine | None = None,
 ) -> SavingsReport:
-    p = p or paths()
-    usage = read_usage(p.ledger, by, parse_since(since))
+    usage = read_usage(home.ledger, by, parse_since(since))
     sheet = prices.filter_prices(prices.load_prices(price_file), only)
     if not sheet:
         raise InvalidInput(f"no price rows match --only {' '.join(only or [])}")
     machine = machine or hardware.detect()
-    rates = {m: rate_for(m, p, machine) for m in sorted({u.model for u in usage})}
+    rates = {m: rate_for(m, home, machine) for m in sorted({u.model for u in usage})}
     groups: dict[str, GroupSavings] = {}
     total = GroupSavings(TOTAL)
     for u in usage:
@@ -231,7 +230,7 @@ def build_savings(
     ordered = sorted(groups.values(), key=_order(by))
     for g in [*ordered, total]:
         _price_apis(g, sheet)
-    profile = hardware.load_profile(p)
+    profile = hardware.load_profile(home)
     inputs = profile.cost_inputs()
     assumed = [k for k, o in profile.origin.items() if "assumed" in o]
     return SavingsReport(
@@ -254,8 +253,8 @@ def _order(by: str) -> Callable[[GroupSavings], Any]:
     return lambda g: (-(g.prompt_tokens + g.completion_tokens), g.group)
 
 
-def _hourly(inputs: cost.CostInputs) -> float:
+def _hourly(inputs: cost_formulas.CostInputs) -> float:
     try:
-        return cost.hourly(inputs).total
+        return cost_formulas.hourly(inputs).total
     except ValueError as e:
         raise FreeholdError(f"the cost profile is incomplete: {e}") from None

@@ -65,8 +65,11 @@ def served_model(s: Services, name: str) -> str:
     return s.registry.resolve(name)
 
 
-def checked_engine(s: Services, key: ApiKey | None, model: str) -> Engine:
-    """The running engine for a served model id this key may use, or the refusal."""
+async def checked_engine(s: Services, key: ApiKey | None, model: str) -> Engine:
+    """The running engine for a served model id this key may use, or the refusal.
+
+    A model still loading is waited for, up to `--load-wait` seconds: the first request after
+    a start simply takes longer (as with Ollama); past that it gets 503 and Retry-After."""
     if s.draining:
         raise APIError(
             503, "the server is shutting down", code="draining", headers={"Retry-After": "5"}
@@ -78,4 +81,5 @@ def checked_engine(s: Services, key: ApiKey | None, model: str) -> Engine:
             param="model",
             code="model_not_allowed",
         )
+    await s.registry.wait_loaded(model, s.settings.load_wait_s)
     return s.registry.engine(model)

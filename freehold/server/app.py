@@ -17,6 +17,7 @@ from freehold.server import anthropic, docs, ollama, openai, ops, responses
 from freehold.server.access import authenticate
 from freehold.server.audit import AuditLog
 from freehold.server.auth import KeyStore, RateLimiter
+from freehold.server.bodies import StrictJSONBodies
 from freehold.server.door import Door
 from freehold.server.errors import ErrorHandlers
 from freehold.server.generation import GenerationService
@@ -40,9 +41,13 @@ _NO_TELEMETRY: TelemetryConfig = {
 
 def build_services(settings: ServerSettings, pool: ModelPool) -> Services:
     home = settings.home
-    home.home.mkdir(parents=True, exist_ok=True)
+    home.root.mkdir(parents=True, exist_ok=True)
     registry_ref: list[ModelRegistry] = []
-    metrics = Metrics(lambda: registry_ref[0].stats() if registry_ref else [])
+    cache = pool.prompt_cache
+    metrics = Metrics(
+        lambda: registry_ref[0].stats() if registry_ref else [],
+        lambda: cache.stats() if cache is not None else None,
+    )
     registry = ModelRegistry(
         pool, list(settings.models), settings.max_queue, metrics, settings.aliases
     )
@@ -104,6 +109,8 @@ def create_app(settings: ServerSettings, pool: ModelPool, *, close_pool: bool = 
             app.include_router(router)
     app.include_router(ops.router)
     app.include_router(docs.router)
+    # Inside the size limit (added last, so outermost): a body is counted before it is checked.
+    app.add_middleware(StrictJSONBodies, render_error=handlers.render_path)
     app.add_middleware(
         RequestIdAndLimits,
         max_body_bytes=settings.max_body_bytes,

@@ -34,6 +34,13 @@ _TYPES = {
 }
 
 
+def utf8_safe(text: str) -> str:
+    """`text` with any lone surrogate written as its `\\udXXX` escape, so UTF-8 can encode it."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class UnsupportedParameter(ValueError):
     """A request field with a value Freehold cannot honour (raised inside pydantic validators)."""
 
@@ -54,6 +61,7 @@ class APIError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        message = utf8_safe(message)  # it may quote the request; every door encodes it as UTF-8
         super().__init__(message)
         self.status = status
         self.message = message

@@ -349,7 +349,7 @@ class GenerationService:
     def __init__(self, services: Services) -> None:
         self.services = services
 
-    def admit(
+    async def admit(
         self,
         request: Request,
         key: ApiKey | None,
@@ -379,7 +379,7 @@ class GenerationService:
         )
         try:
             ctx.model = served_model(s, model)
-            engine = checked_engine(s, key, ctx.model)
+            engine = await checked_engine(s, key, ctx.model)
             self._charge_request(key, ctx.model)
             s.registry.admit(ctx.model, engine, places)
         except APIError as e:
@@ -401,10 +401,12 @@ class GenerationService:
                 headers={"Retry-After": str(max(1, round(wait + 0.5)))},
             )
 
-    def start(self, request: Request, key: ApiKey | None, spec: GenerationRequest) -> Generation:
+    async def start(
+        self, request: Request, key: ApiKey | None, spec: GenerationRequest
+    ) -> Generation:
         """Admit `spec` and submit all of its jobs (all or none)."""
         count = len(spec.jobs)
-        engine, ctx = self.admit(
+        engine, ctx = await self.admit(
             request,
             key,
             endpoint=spec.endpoint,
@@ -419,7 +421,10 @@ class GenerationService:
             for i, job in enumerate(spec.jobs):
                 if job.params.max_tokens is None:
                     job.params.max_tokens = default_limit  # None: to the end of the context
-                gen.choices.append(Choice(i, job, job.submit(engine)))
+                # Off the event loop: rendering the template and tokenizing take time for a
+                # long prompt (half a second for 1 MB), and other requests' streams must flow.
+                handle = await run_in_threadpool(job.submit, engine)
+                gen.choices.append(Choice(i, job, handle))
         except Exception as e:
             gen.cancel()
             err = e if isinstance(e, APIError) else from_engine(e)
@@ -460,7 +465,7 @@ class GenerationService:
         """Pooled embeddings of `texts`, admitted and accounted like a generation.
 
         `check_width(n_embd)` lets a door refuse a width it cannot serve before any work."""
-        engine, ctx = self.admit(
+        engine, ctx = await self.admit(
             request, key, endpoint=endpoint, model=model, places=0, user=user, audit_prompt=texts
         )
         try:

@@ -86,7 +86,9 @@ class Ledger(BatchWriter):
         self._put(rec)
 
     def _write_batch(self, items: list[Any]) -> None:
-        self._write([astuple(r) for r in items])
+        # SQLite stores text as UTF-8: a model name or user as a client sent it must not be able
+        # to fail the batch (and with it every row in it).
+        self._write([tuple(_storable(v) for v in astuple(r)) for r in items])
 
     def _close_sink(self) -> None:
         self._db.close()
@@ -106,6 +108,13 @@ class Ledger(BatchWriter):
                 log.warning("ledger write failed (%s); attempt %d", e, attempt + 1)
                 time.sleep(0.2)
         log.error("dropped %d ledger rows after retries", len(rows))
+
+
+def _storable(value: Any) -> Any:
+    """Text with any lone surrogate written as its `\\udXXX` escape; other values as they are."""
+    if isinstance(value, str) and not value.isascii():
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
 
 
 def summarize(path: Path, by: str = "key") -> list[dict[str, Any]]:

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
 import uvicorn
 
-from freehold.config import read_settings
-from freehold.engine import EngineConfig, ModelPool, template_source
+from freehold.config import Paths, read_settings
+from freehold.engine import EngineConfig, ModelPool, PromptCache, template_source
 from freehold.errors import InvalidInput, NotFound
 from freehold.server.auth import KeyStore
 from freehold.server.services import Services
@@ -33,13 +35,13 @@ def model_id(ref: str) -> str:
     return p.stem if p.suffix == ".gguf" else ref
 
 
-def choose_models(refs: list[str], say: Callable[[str], None]) -> dict[str, ModelSpec]:
+def choose_models(refs: list[str], say: Callable[[str], None], home: Paths) -> dict[str, ModelSpec]:
     """id -> file for each model to serve; with none named, the vault's (the starter model
     is imported first when the vault is empty — the only download `serve` ever makes)."""
     from freehold.vault import Vault, resolve_model_spec
 
     if not refs:
-        with Vault() as vault:
+        with Vault(home) as vault:
             records = vault.list()
             if not records:
                 say(f"The vault is empty: importing the starter model as {STARTER_NAME}…")
@@ -53,7 +55,7 @@ def choose_models(refs: list[str], say: Callable[[str], None]) -> dict[str, Mode
         mid = model_id(ref)
         if mid in out:
             raise InvalidInput(f"two --model values are both called {mid!r}; serve one of them")
-        out[mid] = resolve_model_spec(ref)  # BASE+ADAPTER serves beside BASE
+        out[mid] = resolve_model_spec(ref, home)  # BASE+ADAPTER serves beside BASE
     return out
 
 
@@ -74,7 +76,12 @@ def build_pool(settings: ServerSettings, files: dict[str, ModelSpec | Path]) -> 
         chat_template=template_source(template) if template is not None else None,
     )
     # Served models stay loaded (keep-alive forever) unless memory is needed for another.
-    return ModelPool(config=config, keep_alive_s=math.inf, resolver=resolve)
+    return ModelPool(
+        config=config,
+        keep_alive_s=math.inf,
+        resolver=resolve,
+        prompt_cache=PromptCache(settings.cache_ram_bytes),
+    )
 
 
 def check_aliases(settings: ServerSettings) -> None:
@@ -151,6 +158,21 @@ def banner(settings: ServerSettings, model: str, keys_required: bool) -> str:
     )
 
 
+def announce_when_ready(server: DrainingServer, text: str, say: Callable[[str], None]) -> None:
+    """Print the banner once /ready would answer 200, so its curl line works when run at once."""
+    registry = server.services.registry
+    while not server.should_exit:
+        failed = registry.failed()
+        if failed:
+            for model, why in failed.items():
+                say(f"{model} did not load ({why.removeprefix('failed: ')}); see the log above")
+            return
+        if server.started and registry.all_ready():
+            say(text)
+            return
+        time.sleep(0.05)
+
+
 def serve(settings: ServerSettings, say: Callable[[str], None]) -> None:
     """Run until SIGTERM/SIGINT; blocks."""
     from freehold.server.app import create_app
@@ -159,7 +181,7 @@ def serve(settings: ServerSettings, say: Callable[[str], None]) -> None:
     settings.apply_saved(read_settings(settings.home).get("server", {}) or {})
     keys_required = check_security(settings)
     named = bool(settings.models)
-    files = choose_models(settings.models, say)
+    files = choose_models(settings.models, say, settings.home)
     settings.models = list(files)
     check_aliases(settings)
     # Named models load at once; from a whole vault, only the first (the rest on demand).
@@ -167,7 +189,11 @@ def serve(settings: ServerSettings, say: Callable[[str], None]) -> None:
     pool = build_pool(settings, files)
     app = create_app(settings, pool)
     server = DrainingServer(uvicorn_config(settings, app), app.state.services)
-    say(banner(settings, settings.models[0], keys_required))
+    say(f"Loading {', '.join(settings.eager or settings.models)} …")
+    text = banner(settings, settings.models[0], keys_required)
+    threading.Thread(
+        target=announce_when_ready, args=(server, text, say), name="freehold-banner", daemon=True
+    ).start()
     server.run()  # uvicorn handles SIGTERM and SIGINT: stop accepting, drain, exit
     if not server.started:
         sys.exit(1)

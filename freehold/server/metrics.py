@@ -12,15 +12,20 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from freehold.engine import EngineStats, Usage
+from freehold.engine import CacheStats, EngineStats, Usage
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TOKEN_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0)
 
 
 class _EngineCollector(Collector):
-    def __init__(self, stats: Callable[[], Iterable[EngineStats]]) -> None:
+    def __init__(
+        self,
+        stats: Callable[[], Iterable[EngineStats]],
+        cache_stats: Callable[[], CacheStats | None],
+    ) -> None:
         self._stats = stats
+        self._cache_stats = cache_stats
 
     def collect(self) -> Iterable[Metric]:
         running = GaugeMetricFamily(
@@ -35,18 +40,62 @@ class _EngineCollector(Collector):
             "Seconds inside llama.cpp computing batches; its rate is the engine's busy share",
             labels=["model"],
         )
+        share = GaugeMetricFamily(
+            "freehold_prompt_cache_share",
+            "Share of prompt tokens served from cache (slots or host memory) since load",
+            labels=["model"],
+        )
+        hits = CounterMetricFamily(
+            "freehold_prompt_cache_hits",
+            "Requests whose prefix was restored from the host-memory prompt cache",
+            labels=["model"],
+        )
+        misses = CounterMetricFamily(
+            "freehold_prompt_cache_misses",
+            "Requests for which the host-memory prompt cache held no longer prefix than the slots",
+            labels=["model"],
+        )
         for st in self._stats():
             running.add_metric([st.model], st.running)
             waiting.add_metric([st.model], st.queued)
             slots.add_metric([st.model], st.slots)
             compute.add_metric([st.model], st.compute_seconds)
-        yield from (running, waiting, slots, compute)
+            share.add_metric([st.model], st.cached_share)
+            hits.add_metric([st.model], st.prompt_cache_hits)
+            misses.add_metric([st.model], st.prompt_cache_misses)
+        yield from (running, waiting, slots, compute, share, hits, misses)
+        yield from self._cache_families()
+
+    def _cache_families(self) -> Iterable[Metric]:
+        cs = self._cache_stats()
+        if cs is None:
+            return
+        yield GaugeMetricFamily(
+            "freehold_prompt_cache_bytes", "Bytes of saved KV state in host memory", value=cs.bytes
+        )
+        yield GaugeMetricFamily(
+            "freehold_prompt_cache_budget_bytes",
+            "Host memory the prompt cache may use (--cache-ram)",
+            value=cs.budget_bytes,
+        )
+        yield GaugeMetricFamily(
+            "freehold_prompt_cache_entries", "Saved conversations in host memory", value=cs.entries
+        )
+        yield CounterMetricFamily(
+            "freehold_prompt_cache_evictions",
+            "Saved conversations dropped to stay within the budget",
+            value=cs.evictions,
+        )
 
 
 class Metrics:
-    def __init__(self, engine_stats: Callable[[], Iterable[EngineStats]]) -> None:
+    def __init__(
+        self,
+        engine_stats: Callable[[], Iterable[EngineStats]],
+        cache_stats: Callable[[], CacheStats | None] = lambda: None,
+    ) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
-        r.register(_EngineCollector(engine_stats))
+        r.register(_EngineCollector(engine_stats, cache_stats))
         self.requests = Counter(
             "freehold_requests",
             "API requests by model, endpoint and HTTP status",

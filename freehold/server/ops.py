@@ -22,7 +22,7 @@ async def health() -> dict:
 async def ready(request: Request, key: ApiKey | None = Depends(authenticate)) -> Response:
     s = services(request)
     models = s.registry.ready()
-    ok = not s.draining and all(v in ("loaded", "on demand") for v in models.values())
+    ok = not s.draining and s.registry.all_ready()
     status = "draining" if s.draining else ("ready" if ok else "loading")
     return JSONResponse({"status": status, "models": models}, status_code=200 if ok else 503)
 

@@ -8,6 +8,8 @@ scheduler thread, so it could briefly look fuller or emptier than the truth).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -104,6 +106,15 @@ class ModelRegistry:
         instead of getting 503 and retrying."""
         return self._load(self._models[self.resolve(model_id)])
 
+    async def wait_loaded(self, model_id: str, timeout_s: float) -> None:
+        """Start loading a served model if needed and wait up to `timeout_s` for the load.
+
+        A failed or slow load is not raised here: `engine()` reports it."""
+        fut = self.load(model_id)
+        if not fut.done() and timeout_s > 0:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), timeout_s)
+
     def engine(self, model_id: str) -> Engine:
         """The running engine, or 404 (not served) / 503 (still loading) / 500 (load failed)."""
         m = self._models[self.resolve(model_id)]
@@ -112,7 +123,7 @@ class ModelRegistry:
             self.metrics.rejected.labels(model_id, "loading").inc()
             raise APIError(
                 503,
-                f"model {model_id} is loading; retry shortly",
+                f"model {model_id} is still loading after the server's --load-wait; retry shortly",
                 code="model_loading",
                 headers={"Retry-After": "2"},
             )
@@ -135,6 +146,14 @@ class ModelRegistry:
             else:
                 out[m.id] = "loaded" if self._alive(m) else "unloaded"
         return out
+
+    def failed(self) -> dict[str, str]:
+        """The models whose load failed, with why."""
+        return {m: why for m, why in self.ready().items() if why.startswith("failed")}
+
+    def all_ready(self) -> bool:
+        """Every model loaded or left for first use: what /ready and the banner wait for."""
+        return all(v in ("loaded", "on demand") for v in self.ready().values())
 
     def stats(self) -> list[EngineStats]:
         out = []

@@ -33,6 +33,8 @@ class ServerSettings:
     max_body_bytes: int = 8 << 20
     drain_timeout_s: float = 60.0
     chat_template: str | None = None  # `--chat-template` NAME|FILE for every served model
+    load_wait_s: float = 60.0  # a request waits this long for its model to load, then 503
+    cache_ram_bytes: int | None = None  # prompt cache in host memory; None: from free RAM; 0: off
     home: Paths = field(default_factory=paths)
 
     def check(self) -> None:
@@ -42,6 +44,8 @@ class ServerSettings:
             raise InvalidInput(f"--slots must be at least 1, got {self.slots}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise InvalidInput(f"--max-tokens must be at least 1, got {self.max_tokens}")
+        if self.load_wait_s < 0:
+            raise InvalidInput(f"--load-wait must be 0 or more seconds, got {self.load_wait_s}")
         if self.max_queue < 0:
             raise InvalidInput(f"--max-queue must be 0 or more, got {self.max_queue}")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -6,9 +6,12 @@ until everything queued so far is written (tests and shutdown use it).
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 _STOP = object()
 
@@ -54,7 +57,11 @@ class BatchWriter:
                     break
             items = [b for b in batch if b is not _STOP]
             if items:
-                self._write_batch(items)
+                try:
+                    self._write_batch(items)
+                except Exception:  # a batch that cannot be written must not end the thread:
+                    # every later entry would be lost, and flush() would wait forever
+                    log.exception("%s dropped %d entries", self._thread.name, len(items))
             with self._idle:
                 self._pending -= len(items)
                 self._idle.notify_all()

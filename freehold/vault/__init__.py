@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from freehold.config import Paths
 from freehold.errors import InvalidInput, NotFound
 from freehold.vault.catalog import ModelRecord, parse_ref
 from freehold.vault.store import Vault
@@ -19,7 +20,7 @@ __all__ = [
 ]
 
 
-def resolve_model_path(ref: str, home: Path | None = None) -> Path:
+def resolve_model_path(ref: str, home: Paths | None = None) -> Path:
     """A vault name (`name[:tag]`, alias) or an existing `.gguf` path → the file to load."""
     p = Path(ref).expanduser()
     if p.suffix == ".gguf" and p.is_file():
@@ -37,7 +38,7 @@ class ModelSpec:
     adapters: tuple[Path, ...] = ()
 
 
-def resolve_model_spec(ref: str, home: Path | None = None) -> ModelSpec:
+def resolve_model_spec(ref: str, home: Paths | None = None) -> ModelSpec:
     """`BASE`, `BASE+ADAPTER[+ADAPTER]`, or an adapter's name alone (served on its own base).
 
     Each part may be a vault name or a `.gguf` path.

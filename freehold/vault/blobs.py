@@ -180,11 +180,6 @@ class BlobStore:
     def discard(self, staged: StagedBlob) -> None:
         staged.tmp_path.unlink(missing_ok=True)
 
-    def put_bytes(self, data: bytes) -> str:
-        staged = self.stage([data])
-        self.commit(staged)
-        return staged.digest
-
     # -- reading and checking --------------------------------------------------------------
 
     def read_bytes(self, digest: str) -> bytes:

@@ -255,11 +255,6 @@ def _parse_manifest(bundle: Path, data: bytes) -> dict[str, Any]:
     return manifest
 
 
-def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
-    while (m := tar.next()) is not None:
-        yield m
-
-
 def import_bundle(
     vault: Vault,
     bundle: Path,

@@ -1,4 +1,4 @@
-"""The vault's catalog: SQLite, migrated forward by `PRAGMA user_version`.
+"""The vault's catalog: SQLite, opened and migrated by `freehold.db` (`PRAGMA user_version`).
 
 One row per model (name:tag → digest, GGUF facts, provenance, lineage, license), the
 files kept with it (license texts, notices, templates) and aliases. All changes for one
@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from freehold.db import migrate
-from freehold.errors import InvalidInput, NotFound
+from freehold.db import open_db
+from freehold.errors import AmbiguousName, InvalidInput, NotFound
 
 DEFAULT_TAG = "latest"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}$")
@@ -164,12 +164,10 @@ _COLUMNS = [
 
 class Catalog:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
+        # A long wait for the write lock: imports by concurrent `freehold add` runs queue here.
+        self.db = open_db(path, MIGRATIONS, busy_timeout_s=30)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA foreign_keys = ON")
-        self.db.execute("PRAGMA journal_mode = WAL")
-        migrate(self.db, MIGRATIONS)
 
     def close(self) -> None:
         self.db.close()
@@ -230,6 +228,19 @@ class Catalog:
 
     def get(self, ref: str) -> ModelRecord:
         record = self.find(ref)
+        if record is None and ":" not in ref:
+            name, _ = parse_ref(ref)
+            refs = [
+                f"{name}:{r['tag']}"
+                for r in self.db.execute(
+                    "SELECT tag FROM models WHERE name = ? ORDER BY tag", (name,)
+                )
+            ]
+            if len(refs) > 1:
+                raise AmbiguousName(
+                    f"'{ref}' names {len(refs)} models in the vault: {', '.join(refs)}; "
+                    f"give the tag, e.g. `{refs[0]}`"
+                )
         if record is None:
             raise NotFound(
                 f"no model named '{ref}' in the vault: see `freehold list`, or add it with "

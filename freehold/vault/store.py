@@ -104,10 +104,11 @@ class Problem:
 
 
 class Vault:
-    def __init__(self, home: Path | None = None) -> None:
-        self.paths: Paths = paths(home).ensure()
-        self.blobs = BlobStore(self.paths.blobs, self.paths.tmp)
-        self.catalog = Catalog(self.paths.catalog)
+    def __init__(self, home: Paths | None = None) -> None:
+        """The vault in `home`; a library caller that has none gets the environment's."""
+        self.home: Paths = (home or paths()).ensure()
+        self.blobs = BlobStore(self.home.blobs, self.home.tmp)
+        self.catalog = Catalog(self.home.catalog)
 
     def close(self) -> None:
         self.catalog.close()

@@ -56,7 +56,7 @@ async def create_message(
     key: ApiKey | None = Depends(authenticate),
     service: GenerationService = Depends(generation_service),
 ) -> Response:
-    gen = service.start(request, key, generation_request(req))
+    gen = await service.start(request, key, generation_request(req))
     message_id = f"msg_{secrets.token_hex(12)}"
     headers = _headers(request, req)
     if req.stream:
@@ -79,7 +79,7 @@ async def count_tokens(
     """Exactly the tokens /v1/messages would prefill: same template, system and tools. Admitted
     and audited like any request (it counts toward the key's rpm, not its tpm)."""
     messages = req.template_messages()
-    engine, ctx = service.admit(
+    engine, ctx = await service.admit(
         request, key, endpoint="count_tokens", model=req.model, places=0, audit_prompt=messages
     )
     try:

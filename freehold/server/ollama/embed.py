@@ -49,7 +49,7 @@ async def _vectors(
     mid = served_id(s, name)
     waited = await wait_loaded(s, key, mid)
     if not texts:
-        _, ctx = service.admit(request, key, endpoint=ENDPOINT, model=mid, places=0)
+        _, ctx = await service.admit(request, key, endpoint=ENDPOINT, model=mid, places=0)
         ctx.finish(200)
         return [], 0, waited
     num_ctx = options.num_ctx if options else None

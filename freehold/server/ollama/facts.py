@@ -120,7 +120,7 @@ def _vault_facts(
     is one of this home's blobs."""
     if path.parent != s.settings.home.blobs or not _BLOB.match(path.name):
         return None, []
-    with Vault(s.settings.home.home) as vault:
+    with Vault(s.settings.home) as vault:
         same = [r for r in vault.list() if r.digest == f"sha256:{digest}"]
         named = [r for r in same if mid in (r.ref, r.name, r.ref.removesuffix(LATEST))]
         record = (named or same or [None])[0]

@@ -1,5 +1,5 @@
-"""Ollama's model lifetime on top of the registry: a request waits while its model loads (Ollama's
-clients expect that, not a 503), and `keep_alive: 0` unloads the model once it is idle.
+"""Ollama's model lifetime on top of the registry: a request waits while its model loads (up to
+--load-wait, as on every door), and `keep_alive: 0` unloads the model once it is idle.
 
 Served models otherwise stay loaded: any other keep_alive is accepted and changes nothing.
 """
@@ -7,7 +7,6 @@ Served models otherwise stay loaded: any other keep_alive is accepted and change
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -18,7 +17,6 @@ from freehold.server.auth import ApiKey
 from freehold.server.ollama.facts import model_facts
 from freehold.server.services import Services
 
-LOAD_TIMEOUT_S = 300.0  # as long as the registry's own warm-up may take
 IDLE_WAIT_S = 60.0  # how long an unload waits for other requests on the model to finish
 _POLL_S = 0.05
 
@@ -38,12 +36,10 @@ async def wait_loaded(s: Services, key: ApiKey | None, mid: str) -> float:
     left for admission to report too."""
     if s.draining or not s.registry.known(mid) or (key is not None and not key.allows(mid)):
         return 0.0
-    fut = s.registry.load(mid)
-    if fut.done():
+    if s.registry.load(mid).done():
         return 0.0
     started = time.perf_counter()
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(asyncio.wrap_future(fut), LOAD_TIMEOUT_S)
+    await s.registry.wait_loaded(mid, s.settings.load_wait_s)
     return time.perf_counter() - started
 
 

@@ -90,7 +90,7 @@ def _store(s: Services, plan: ImportPlan, emit: Emit) -> AddResult:
 
         return advance
 
-    with Vault(s.settings.home.home) as vault:
+    with Vault(s.settings.home) as vault:
         return vault.add(plan, progress=progress)
 
 

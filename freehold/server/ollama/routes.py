@@ -183,7 +183,7 @@ async def _engine_for(
     engine = loaded_engine(s, mid) if s.registry.known(mid) else None
     if engine is not None and not s.draining and (key is None or key.allows(mid)):
         return engine, waited
-    _, ctx = service.admit(request, key, endpoint=endpoint, model=mid, places=0)
+    _, ctx = await service.admit(request, key, endpoint=endpoint, model=mid, places=0)
     ctx.finish(503)  # admission let it through: the model came up after the wait gave up
     raise APIError(
         503,
@@ -222,7 +222,7 @@ async def _load_only(
     if not (req.unload_after and idle and (key is None or key.allows(mid))):
         if not req.unload_after:
             await wait_loaded(s, key, mid)
-        _, ctx = service.admit(request, key, endpoint=endpoint, model=mid, places=0)
+        _, ctx = await service.admit(request, key, endpoint=endpoint, model=mid, places=0)
         ctx.finish(200)
     reason = "load"
     if req.unload_after:
@@ -260,7 +260,7 @@ async def chat(
     messages = req.template_messages()
     params = req.to_sampling_params(engine.n_ctx_per_slot)
     job = Job(params, messages=messages, tools=req.template_tools())
-    gen = service.start(
+    gen = await service.start(
         request, key, GenerationRequest("ollama.chat", mid, [job], audit_prompt=messages)
     )
     if req.streaming:
@@ -398,7 +398,7 @@ async def generate(
     params = req.to_sampling_params(engine.n_ctx_per_slot)
     audit = {"prompt": req.prompt, "system": req.system, "suffix": req.suffix}
     job = Job(params, prompt=tokens, add_special=False)
-    gen = service.start(
+    gen = await service.start(
         request, key, GenerationRequest("ollama.generate", mid, [job], audit_prompt=audit)
     )
 

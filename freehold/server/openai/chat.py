@@ -57,7 +57,7 @@ async def chat_completions(
     key: ApiKey | None = Depends(authenticate),
     service: GenerationService = Depends(generation_service),
 ) -> Response:
-    gen = service.start(request, key, generation_request(req))
+    gen = await service.start(request, key, generation_request(req))
     response_id = f"chatcmpl-{secrets.token_hex(12)}"
     if req.stream:
         w = ChunkWriter(

@@ -65,7 +65,7 @@ async def completions(
     key: ApiKey | None = Depends(authenticate),
     service: GenerationService = Depends(generation_service),
 ) -> Response:
-    gen = service.start(request, key, generation_request(req))
+    gen = await service.start(request, key, generation_request(req))
     response_id = f"cmpl-{secrets.token_hex(12)}"
     echoes = [_echo_text(gen, c.job.prompt) if req.echo else "" for c in gen.choices]
     if req.stream:

@@ -142,7 +142,7 @@ async def create_response(
     store = response_store(request)
     spec = generation_request(req, _history(store, req, key))
     try:
-        gen = service.start(request, key, spec)
+        gen = await service.start(request, key, spec)
     except APIError as e:
         if e.code == "context_length_exceeded":
             e.param = "input"

@@ -10,12 +10,12 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from freehold.measure.cost import LocalCost
-from freehold.measure.costing import CostReport, Row
+from freehold.measure.cost_formulas import LocalCost
+from freehold.measure.cost_report import CostReport, Row
 from freehold.measure.eval import EvalResult
-from freehold.measure.metrics import Summary
-from freehold.measure.report import fmt
+from freehold.measure.report import TURN_HEADER, TURN_NOTE, fmt, share, turn_rows
 from freehold.measure.savings import GroupSavings, SavingsReport
+from freehold.measure.serving_stats import Summary
 
 if TYPE_CHECKING:  # the engine loads llama.cpp: keep it out of `cost` and `bench --url`
     from freehold.measure.bench_engine import EngineBenchResult
@@ -24,7 +24,16 @@ if TYPE_CHECKING:  # the engine loads llama.cpp: keep it out of `cost` and `benc
 def bench_tables(title: str, levels: Sequence[Summary]) -> Group:
     summary = Table(title=title, title_justify="left")
     summary.add_column("load", no_wrap=True)
-    for col in ("done", "failed", "secs", "req/s", "out tok/s", "all tok/s", "goodput req/s"):
+    for col in (
+        "done",
+        "failed",
+        "secs",
+        "req/s",
+        "out tok/s",
+        "all tok/s",
+        "goodput req/s",
+        "cached",
+    ):
         summary.add_column(col, justify="right")
     for s in levels:
         summary.add_row(
@@ -36,6 +45,7 @@ def bench_tables(title: str, levels: Sequence[Summary]) -> Group:
             fmt(s.output_throughput, 1),
             fmt(s.total_token_throughput, 1),
             fmt(s.goodput),
+            share(s.cached_share),
         )
     lat = Table(
         title="Latency (ms); TPOT = (E2E - TTFT) / (out - 1), ITL = pooled chunk gaps",
@@ -54,12 +64,31 @@ def bench_tables(title: str, levels: Sequence[Summary]) -> Group:
                 fmt(d.p99, 1),
             )
     parts: list[Table | Text] = [summary, lat]
+    for s in levels:
+        parts.extend(_turn_table(s))
     errors = [s for s in levels if s.first_error]
     for s in errors:
         parts.append(
             Text(f"{s.label}: {s.failed} failed, first error: {s.first_error}", style="yellow")
         )
     return Group(*parts)
+
+
+def _turn_table(s: Summary) -> list[Table | Text]:
+    """A multi-turn level by turn, and the cached share from turn 2 on."""
+    if not s.turns:
+        return []
+    t = Table(title=f"{s.label}, by turn", title_justify="left")
+    for col in TURN_HEADER:
+        t.add_column(col, justify="left" if col == "turn" else "right")
+    for row in turn_rows(s):
+        t.add_row(*row)
+    later = share(s.cached_share_from_turn_2)
+    return [
+        t,
+        Text(f"Cached share from turn 2 on: {later}", style="bold"),
+        Text(TURN_NOTE, style="dim"),
+    ]
 
 
 def eval_table(r: EvalResult) -> Table:

@@ -6,6 +6,8 @@
 - E2E: request sent to the last streamed token.
 - Request throughput = completed / duration; output tok/s = sum(output tokens) / duration.
 - Goodput = requests meeting every SLO / duration.
+- Cached share = cached prompt tokens / prompt tokens, over the requests whose server said how
+  many of their prompt tokens came from its cache (unknown is not zero).
 
 Everything here is pure: records in, numbers out.
 """
@@ -36,6 +38,11 @@ class RequestRecord:
     prompt_tokens: int = 0
     output_tokens: int = 0
     error: str | None = None
+    # Prompt tokens the server reused from its cache; None when it did not say.
+    cached_tokens: int | None = None
+    # Multi-turn workloads: which conversation (0-based) and which turn of it (1-based).
+    user: int | None = None
+    turn: int | None = None
 
     @property
     def tpot(self) -> float | None:
@@ -59,6 +66,9 @@ class RequestRecord:
             "itl_ms": [ms(x) for x in self.itl],
             "prompt_tokens": self.prompt_tokens,
             "output_tokens": self.output_tokens,
+            "cached_tokens": self.cached_tokens,
+            "user": self.user,
+            "turn": self.turn,
             "error": self.error,
         }
 
@@ -84,6 +94,22 @@ class Dist:
 
 
 @dataclass(frozen=True)
+class TurnSummary:
+    """One turn of a multi-turn workload, over every conversation."""
+
+    turn: int
+    completed: int
+    failed: int
+    prompt_tokens_median: float
+    cached_share: float | None
+    ttft_p50_ms: float
+    ttft_p95_ms: float
+    # The turn's output tokens over the wall time from its first request sent to its last
+    # token: the turn's requests overlap other turns' when conversations run unevenly.
+    output_throughput: float
+
+
+@dataclass(frozen=True)
 class Summary:
     """One load level's results (one concurrency, or one arrival rate)."""
 
@@ -105,6 +131,12 @@ class Summary:
     itl: Dist
     e2e: Dist
     first_error: str | None = None
+    total_cached_tokens: int | None = None
+    cached_share: float | None = None
+    # Multi-turn workloads only: per-turn figures, and the cached share from turn 2 on (turn 1
+    # can only reuse the shared prefix; later turns show whether conversations keep theirs).
+    turns: list[TurnSummary] = field(default_factory=list)
+    cached_share_from_turn_2: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -146,6 +178,45 @@ def meets_slo(r: RequestRecord, slo: dict[str, float]) -> bool:
     return True
 
 
+def cached_tokens(records: list[RequestRecord]) -> tuple[int | None, float | None]:
+    """Cached prompt tokens and their share of the prompt tokens, over the successful requests
+    whose server reported its cache use; (None, None) when none did."""
+    known = [r for r in records if r.success and r.cached_tokens is not None and r.prompt_tokens]
+    if not known:
+        return None, None
+    cached = sum(r.cached_tokens or 0 for r in known)
+    return cached, cached / sum(r.prompt_tokens for r in known)
+
+
+def _percentile_ms(values_s: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values_s) * 1000.0, q)) if values_s else float("nan")
+
+
+def summarize_turns(records: list[RequestRecord]) -> list[TurnSummary]:
+    """Per-turn figures for records that carry a turn number; [] when none do."""
+    turns = sorted({r.turn for r in records if r.turn is not None})
+    return [_turn_summary(t, [r for r in records if r.turn == t]) for t in turns]
+
+
+def _turn_summary(turn: int, records: list[RequestRecord]) -> TurnSummary:
+    ok = [r for r in records if r.success]
+    ttfts = [r.ttft for r in ok if r.ttft is not None]
+    span = 0.0
+    if ok:
+        span = max(r.start + (r.e2e or 0.0) for r in ok) - min(r.start for r in ok)
+    prompts = [r.prompt_tokens for r in ok]
+    return TurnSummary(
+        turn=turn,
+        completed=len(ok),
+        failed=len(records) - len(ok),
+        prompt_tokens_median=float(np.median(prompts)) if prompts else float("nan"),
+        cached_share=cached_tokens(ok)[1],
+        ttft_p50_ms=_percentile_ms(ttfts, 50.0),
+        ttft_p95_ms=_percentile_ms(ttfts, 95.0),
+        output_throughput=sum(r.output_tokens for r in ok) / span if span > 0 else 0.0,
+    )
+
+
 def summarize(
     records: list[RequestRecord],
     duration_s: float,
@@ -160,6 +231,8 @@ def summarize(
     duration = max(duration_s, 1e-9)
     n_in = sum(r.prompt_tokens for r in ok)
     n_out = sum(r.output_tokens for r in ok)
+    n_cached, share = cached_tokens(ok)
+    later = [r for r in ok if r.turn is not None and r.turn >= 2]
     goodput = None
     if slo is not None:
         goodput = sum(1 for r in ok if meets_slo(r, slo)) / duration
@@ -182,4 +255,8 @@ def summarize(
         itl=Dist.of([gap for r in ok for gap in r.itl]),
         e2e=Dist.of([r.e2e for r in ok if r.e2e is not None]),
         first_error=failed[0].error if failed else None,
+        total_cached_tokens=n_cached,
+        cached_share=share,
+        turns=summarize_turns(records),
+        cached_share_from_turn_2=cached_tokens(later)[1],
     )

@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from freehold.config import Paths, paths
+from freehold.config import Paths
 from freehold.errors import InvalidInput
-from freehold.measure import cost, hardware, measurements, prices
+from freehold.measure import cost_formulas, hardware, measurements, prices
 from freehold.measure.hardware import Machine, Profile
 
 
@@ -32,7 +32,7 @@ class Row:
     """One comparator: its price (with date and source) beside the local cost."""
 
     price: prices.Price
-    comparison: cost.Comparison
+    comparison: cost_formulas.Comparison
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class CostReport:
     prefill_tps: float
     decode_tps: float
     throughput_origin: str
-    local: cost.LocalCost
+    local: cost_formulas.LocalCost
     rows: list[Row]
     price_sheet: str
     generated_at: str = field(
@@ -67,11 +67,11 @@ def _throughput(
     model: str | None,
     prefill_tps: float | None,
     decode_tps: float | None,
-    p: Paths,
+    home: Paths,
 ) -> tuple[float, float, str]:
     rec = None
     if prefill_tps is None or decode_tps is None:
-        rec = measurements.latest_throughput(model, p)
+        rec = measurements.latest_throughput(home, model)
     origins = []
     if decode_tps is not None:
         origins.append("decode assumed (--decode-tps)")
@@ -133,20 +133,22 @@ def build_report(
     decode_tps: float | None = None,
     price_file: Path | None = None,
     only: list[str] | None = None,
-    p: Paths | None = None,
+    home: Paths,
     machine: Machine | None = None,
 ) -> CostReport:
-    p = p or paths()
-    profile = hardware.load_profile(p)
+    profile = hardware.load_profile(home)
     machine = machine or hardware.detect()
-    pre, dec, origin = _throughput(model, prefill_tps, decode_tps, p)
+    pre, dec, origin = _throughput(model, prefill_tps, decode_tps, home)
     inputs = profile.cost_inputs()
-    local = cost.local_cost(inputs, pre, dec)
+    local = cost_formulas.local_cost(inputs, pre, dec)
     sheet = prices.filter_prices(prices.load_prices(price_file), only)
     if not sheet:
         raise InvalidInput(f"no price rows match --only {' '.join(only or [])}")
     rows = [
-        Row(pr, cost.compare(inputs, local, pre, dec, pr.input_per_mtok, pr.output_per_mtok))
+        Row(
+            pr,
+            cost_formulas.compare(inputs, local, pre, dec, pr.input_per_mtok, pr.output_per_mtok),
+        )
         for pr in sheet
     ]
     sheet_name = str(price_file) if price_file else "bundled price sheet"

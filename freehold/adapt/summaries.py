@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from freehold.adapt.quantize import QuantizeReport
-from freehold.adapt.tune_model import TuneReport
+from freehold.adapt.tune import TuneReport
 
 
 def _mib(n: int) -> str:
