@@ -31,6 +31,7 @@ from server_harness import free_port, wait_ready
 
 CLIENTS = 6
 RELOAD_EVERY_S = 20.0
+WARM_UP_S = 70.0
 WORDS = "river stone light garden window paper market winter silver engine forest music".split()
 
 
@@ -53,6 +54,19 @@ def _metric(base: str, name: str) -> float:
     return sum(
         s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name
     )
+
+
+def _settled_rss(pid: int, base: str, second: str) -> int:
+    """Resident memory less the prompt cache, once the second model has unloaded again."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        state = httpx.get(base + "/ready", timeout=10).json()["models"][second]
+        if state != "loaded":
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"{second} did not unload after keep_alive 0")
+    return _rss(pid) - int(_metric(base, "freehold_prompt_cache_bytes"))
 
 
 def _text(rng: random.Random, n: int) -> str:
@@ -149,22 +163,25 @@ def test_soak_leaks_nothing(
         wait_ready(base, timeout=180)
         models = [m["id"] for m in httpx.get(base + "/v1/models").json()["data"]]
         warm = Tally()
-        asyncio.run(_load(base, models, 25.0, warm))  # every path once: allocator arenas, caches
-        rss_warm = _rss(proc.pid) - _metric(base, "freehold_prompt_cache_bytes")
+        # Every path, and a few loads of the second model: allocator arenas and caches settle.
+        asyncio.run(_load(base, models, WARM_UP_S, warm))
+        rss_warm = _settled_rss(proc.pid, base, models[1])
 
         tally = Tally()
         seconds = soak_minutes * 60.0
         asyncio.run(_load(base, models, seconds, tally))
         time.sleep(1.0)  # hung-up requests finish within a decode step
         assert _metric(base, "freehold_requests_running") == 0
-        rss_end = _rss(proc.pid) - _metric(base, "freehold_prompt_cache_bytes")
+        rss_end = _settled_rss(proc.pid, base, models[1])
+        print(f"soak: rss warm {rss_warm / 2**20:.0f} MiB, end {rss_end / 2**20:.0f} MiB")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
         log.close()
     assert proc.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
     assert not tally.failed and not warm.failed, (tally.failed + warm.failed)[:10]
-    assert rss_end <= rss_warm * 1.10, f"memory grew from {rss_warm >> 20} to {rss_end >> 20} MiB"
+    grew = f"memory grew from {rss_warm / 2**20:.0f} to {rss_end / 2**20:.0f} MiB"
+    assert rss_end <= rss_warm * 1.10, grew
 
     window = min(60.0, seconds / 2)
     first = [t for when, t in tally.ttfts if when < window]

@@ -187,5 +187,8 @@ class ModelRegistry:
     def close(self) -> None:
         self._loader.shutdown(wait=True, cancel_futures=True)
 
-    def inflight(self) -> int:
+    def inflight(self, model_id: str | None = None) -> int:
+        """Requests admitted and not finished: for one model, or for all."""
+        if model_id is not None:
+            return self._models[model_id].inflight
         return sum(m.inflight for m in self._models.values())

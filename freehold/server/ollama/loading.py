@@ -62,7 +62,7 @@ async def unload_when_idle(s: Services, mid: str) -> None:
         engine = loaded_engine(s, mid)
         if engine is None:
             return
-        if not engine.busy and s.registry.inflight() == 0:
+        if not engine.busy and s.registry.inflight(mid) == 0:
             await asyncio.to_thread(s.registry.pool.unload, mid)
             return
         await asyncio.sleep(_POLL_S)
