@@ -40,7 +40,9 @@ def server(smollm2_path: Path, agents_home: Path, key: str) -> Running:
         ready_headers={"Authorization": f"Bearer {key}"},
         slots=1,
         ctx=8192,
-        max_tokens=128,
+        # Codex sets no output limit and no temperature, and counts a reply cut at the limit as a
+        # failure: room enough that SmolLM2's sampled greeting ends by itself.
+        max_tokens=1024,
         aliases={"claude-sonnet-4-5": MODEL},
     ) as s:
         yield s
