@@ -45,7 +45,8 @@ MAX_LAYERS = 512  # LLAMA_MAX_LAYERS
 MAX_EXPERTS = 1024  # LLAMA_MAX_EXPERTS
 ROPE_SCALING = {"none", "linear", "yarn", "longrope"}  # any other name trips an assert
 
-_SCALARS: dict[GGUFValueType, str] = {
+# GGUF value type → struct format of a scalar (the test mutators write with the same table)
+SCALAR_FORMATS: dict[GGUFValueType, str] = {
     GGUFValueType.UINT8: "<B",
     GGUFValueType.INT8: "<b",
     GGUFValueType.UINT16: "<H",
@@ -62,7 +63,7 @@ _U64 = struct.Struct("<Q")
 _PRINT_WORDS = 4  # vocabulary fingerprints cover a token's length and first 32 bytes
 _MIX = 0x9E3779B97F4A7C15  # an odd 64-bit multiplier (the golden ratio's), for mixing
 _CHUNK = 1 << 20  # read-ahead for walking vocabularies
-_ITEM_BYTES = {t: struct.calcsize(f) for t, f in _SCALARS.items()} | {GGUFValueType.STRING: 8}
+_ITEM_BYTES = {t: struct.calcsize(f) for t, f in SCALAR_FORMATS.items()} | {GGUFValueType.STRING: 8}
 _MIN_KV_BYTES = 8 + 1 + 4 + 1  # key length, a one-byte key, type tag, a one-byte value
 _MIN_TENSOR_BYTES = 8 + 4 + 4 + 8  # name length, dimension count, type, offset
 # Architecture names become catalog keys ("{arch}.context_length") and are printed as-is.
@@ -254,7 +255,7 @@ class _Header:
             return self.string(what)
         if vtype == GGUFValueType.ARRAY:
             return self.array(what, distinct)
-        return self.unpack(_SCALARS[vtype])
+        return self.unpack(SCALAR_FORMATS[vtype])
 
     def array(self, what: str, distinct: bool = False) -> Any:
         itype = self.value_type(what)
