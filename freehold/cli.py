@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from freehold.errors import FreeholdError
+from freehold.errors import FreeholdError, InvalidInput
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -81,13 +82,19 @@ def _model_json(vault, record) -> dict:  # noqa: ANN001 - vault types imported l
 def add(
     context: typer.Context,
     source: str = typer.Argument(
-        ..., help="A .gguf path, pkg:DIST, ollama:NAME[:TAG] or hf:ORG/REPO[@REV]."
+        ...,
+        help="A .gguf path, a Hugging Face model folder (safetensors), pkg:DIST, "
+        "ollama:NAME[:TAG] or hf:ORG/REPO[@REV].",
     ),
     name: str = typer.Option(None, "--name", "-n", help="NAME[:TAG] to catalog it under."),
     alias: list[str] = typer.Option([], "--alias", help="Further names for the same model."),
     file: str = typer.Option(None, "--file", help="Which GGUF, when the source holds several."),
     link: bool = typer.Option(False, "--link", help="Hard-link instead of copying (same disk)."),
     if_missing: bool = typer.Option(False, "--if-missing", help="Do nothing if NAME exists."),
+    outtype: str = typer.Option(
+        "f16", "--outtype", help="Folder: convert to f16 or bf16 GGUF (the folder is kept too)."
+    ),
+    to: str = typer.Option(None, "--to", help="Folder: ...then quantize to this type (Q8_0...)."),
 ) -> None:
     """Import open weights into the vault, verified and catalogued with their license."""
     from freehold.progress import byte_progress
@@ -98,6 +105,14 @@ def add(
         if if_missing and name and vault.catalog.find(name):
             console.print(f"{name} is already in the vault")
             return
+        if Path(source).expanduser().is_dir():
+            _add_folder(vault, Path(source), name, outtype, to, link)
+            return
+        if to or outtype != "f16":
+            raise InvalidInput(
+                "--outtype and --to apply to a model folder: quantize a GGUF with "
+                "`freehold quantize NAME --to TYPE`"
+            )
         plan = plan_import(source, file)
         with byte_progress() as progress:
             result = vault.add(plan, name, link=link, progress=progress, aliases=tuple(alias))
@@ -110,6 +125,77 @@ def add(
             f"[green]added[/] {r.ref}  {r.architecture} {_params(r.parameters)} "
             f"{r.quantization}  {_human(r.size)} ({stored})  license: "
             f"{vault.license(r).name}"
+        )
+
+
+def _add_folder(vault, folder: Path, name, outtype: str, to, link: bool) -> None:  # noqa: ANN001
+    from freehold.adapt.convert import add_hf_folder, lineage
+    from freehold.progress import byte_progress
+
+    def say(line: str) -> None:
+        err_console.print(escape(line), highlight=False)
+
+    with byte_progress() as progress:
+        result = add_hf_folder(
+            vault, folder, name, outtype=outtype, to=to, progress=progress, link=link, say=say
+        )
+    chain = lineage(vault, result.record)
+    if not result.new_model:
+        console.print(f"{escape(result.record.ref)} is already converted from these files")
+        return
+    for r in reversed(chain):
+        console.print(
+            f"[green]stored[/] {escape(r.ref)}  {r.architecture} {_params(r.parameters)} "
+            f"{r.quantization} ({r.format})  {_human(r.size)}  license: "
+            f"{escape(vault.license(r).name)}",
+            highlight=False,
+        )
+    console.print("lineage: " + " → ".join(escape(r.ref) for r in reversed(chain)))
+
+
+@app.command()
+def pull(
+    context: typer.Context,
+    source: str = typer.Argument(..., help="hf:ORG/REPO[@REVISION] or ollama:NAME[:TAG]."),
+    file: str = typer.Option(None, "--file", help="hf: the GGUF file to take."),
+    quant: str = typer.Option(None, "--quant", help="hf: the quant tag to take, e.g. Q4_K_M."),
+    name: str = typer.Option(None, "--name", "-n", help="NAME[:TAG] to catalog it under."),
+    outtype: str = typer.Option(
+        None, "--outtype", help="hf: safetensors-only repos convert to f16 (default) or bf16."
+    ),
+    to: str = typer.Option(None, "--to", help="hf: ...then quantize to this type (Q4_K_M...)."),
+    registry: str = typer.Option(
+        None,
+        "--registry",
+        help="ollama: registry base URL (env FREEHOLD_OLLAMA_REGISTRY; default "
+        "https://registry.ollama.ai).",
+    ),
+) -> None:
+    """Download a model (the only command that connects beyond this machine), verified."""
+    from rich.markup import escape
+
+    from freehold.errors import InvalidInput
+    from freehold.progress import byte_progress
+    from freehold.vault import Vault
+    from freehold.vault.pull import PullOptions, Reporter
+    from freehold.vault.pull import pull as pull_model
+
+    if file and quant:
+        raise InvalidInput("give --file NAME or --quant TAG, not both")
+
+    def say(line: str) -> None:
+        console.print(escape(line), highlight=False)
+
+    opts = PullOptions(file, quant, name, outtype, to, registry)
+    with Vault(_home(context)) as vault, byte_progress() as progress:
+        result = pull_model(vault, source, opts, Reporter(progress, say))
+        r = result.record
+        if not result.new_model:
+            console.print(f"{escape(r.ref)} already holds these weights ({r.digest[:19]}…)")
+            return
+        console.print(
+            f"[green]pulled[/] {escape(r.ref)}  {r.architecture} {_params(r.parameters)} "
+            f"{r.quantization}  {_human(r.size)}  license: {escape(vault.license(r).name)}"
         )
 
 
@@ -201,13 +287,16 @@ def show(
             parent = ", ".join(parents) or "not in this vault"
             rows.append(("Derived from", f"{r.parent_digest} ({parent})"))
             rows.append(("Derivation", str(r.derivation)))
+        children = [m.ref for m in vault.list() if m.parent_digest == r.digest]
+        if children:
+            rows.append(("Made into", ", ".join(children)))
         for f in r.files:
             rows.append((f"Kept {f.role}", f"{f.filename} ({f.digest[:19]}…)"))
         for key, value in rows:
-            console.print(f"[bold]{key:>18}[/]  {value}", highlight=False)
+            console.print(f"[bold]{key:>18}[/]  {escape(value)}", highlight=False)
         console.print()
         for line in vault.license(r).plain_words():
-            console.print(f"  {line}", highlight=False)
+            console.print(f"  {escape(line)}", highlight=False)
 
 
 def _template_in_force(vault, r, override: str | None) -> str:  # noqa: ANN001 - lazy types
@@ -216,6 +305,9 @@ def _template_in_force(vault, r, override: str | None) -> str:  # noqa: ANN001 -
 
     if r.kind == "adapter" and override is None:
         return "the base model's (an adapter brings none)"
+    if r.format != "gguf":  # a kept original: its tokenizer files hold the template
+        kept = "in its tokenizer files" if r.has_chat_template else "none"
+        return f"{kept} (run its GGUF)"
     own = chat_template_source(vault.blob_path(r)) if r.has_chat_template else None
     return describe_template(own, override)
 
@@ -293,7 +385,7 @@ def export(
     with Vault(_home(context)) as vault, byte_progress() as progress:
         manifest = export_bundle(vault, models, output, sign, progress)
     signed = " (signed)" if sign else ""
-    console.print(f"wrote {output}{signed}: {len(manifest['models'])} model(s)")
+    console.print(f"wrote {escape(str(output))}{signed}: {len(manifest['models'])} model(s)")
 
 
 @app.command("import")
@@ -325,7 +417,9 @@ def keygen(
     from freehold.vault.bundles import keygen as make_keys
 
     private, public = make_keys(output)
-    console.print(f"private key: {private} (keep it secret)\npublic key:  {public}")
+    console.print(
+        f"private key: {escape(str(private))} (keep it secret)\npublic key:  {escape(str(public))}"
+    )
 
 
 # ---- run: the engine ------------------------------------------------------------------------
@@ -383,6 +477,25 @@ _RUN_SEED = typer.Option(None, "--seed", help="Fixed seed: the same prompt gives
 _RUN_STOP = typer.Option(None, "--stop", help="Stop string (repeatable); never printed.")
 _RUN_CTX = typer.Option(4096, "--ctx", help="Context size in tokens.")
 _RUN_THREADS = typer.Option(None, "--threads", help="Default: physical cores.")
+_GPU_LAYERS = typer.Option(
+    None,
+    "--gpu-layers",
+    help="Layers on the GPU: auto (default: as many as fit beside the KV cache), N, or 0 "
+    "(CPU only).",
+)
+
+
+def _gpu_layers(value: str | None):  # noqa: ANN202 - engine types imported lazily
+    from freehold.engine.devices import checked_gpu_layers
+
+    return checked_gpu_layers(value)
+
+
+def _say_offload(plan: dict | None, asked: str | None, prefix: str = "") -> None:
+    """What went on the GPU (an OffloadPlan's JSON), on stderr; on a CPU-only build only when
+    --gpu-layers was given (nothing was chosen, and scripts reading stderr keep one line)."""
+    if plan is not None and (asked is not None or plan["gpu_build"]):
+        err_console.print(f"[dim]{escape(prefix + plan['summary'])}[/]", highlight=False)
 
 
 @app.command()
@@ -403,6 +516,7 @@ def run(
     ctx: int = _RUN_CTX,
     threads: int = _RUN_THREADS,
     chat_template: str = _CHAT_TEMPLATE,
+    gpu_layers: str = _GPU_LAYERS,
 ) -> None:
     """Generate a reply to one prompt, streamed to stdout."""
     import json
@@ -413,8 +527,14 @@ def run(
         prompt = sys.stdin.read()
     params = _run_sampling(temperature, top_p, top_k, min_p, seed, max_tokens, stop)
     with open_engine(
-        model, n_ctx=ctx, n_threads=threads, chat_template=chat_template, home=_home(context)
+        model,
+        n_ctx=ctx,
+        n_threads=threads,
+        chat_template=chat_template,
+        home=_home(context),
+        gpu_layers=_gpu_layers(gpu_layers),
     ) as engine:
+        _say_offload(engine.offload.to_json(), gpu_layers)
         handle = submit_prompt(engine, prompt, params, system=system, raw=raw)
         if json_out:
             result = handle.result()
@@ -438,14 +558,21 @@ def chat(
     ctx: int = _RUN_CTX,
     threads: int = _RUN_THREADS,
     chat_template: str = _CHAT_TEMPLATE,
+    gpu_layers: str = _GPU_LAYERS,
 ) -> None:
     """Interactive streaming chat. /reset forgets the conversation, /exit leaves."""
     from freehold.engine.session import ChatSession, open_engine
 
     params = _run_sampling(temperature, top_p, top_k, min_p, seed, max_tokens, stop)
     with open_engine(
-        model, n_ctx=ctx, n_threads=threads, chat_template=chat_template, home=_home(context)
+        model,
+        n_ctx=ctx,
+        n_threads=threads,
+        chat_template=chat_template,
+        home=_home(context),
+        gpu_layers=_gpu_layers(gpu_layers),
     ) as engine:
+        _say_offload(engine.offload.to_json(), gpu_layers)
         session = ChatSession(engine, params, system=system)
         err_console.print(f"[dim]chatting with {model}; /reset to start over, /exit to leave[/]")
         while True:
@@ -521,6 +648,7 @@ def serve(
         help="Host memory for finished conversations' KV, e.g. 2G; 0 turns it off "
         "(default: 15% of free RAM, at most 8G).",
     ),
+    gpu_layers: str = _GPU_LAYERS,
 ) -> None:
     """Serve models over the OpenAI, Anthropic and Ollama APIs (chat, completions, embeddings)."""
     from freehold.config import parse_size
@@ -546,9 +674,38 @@ def serve(
         store_responses=store_responses,
         load_wait_s=load_wait,
         cache_ram_bytes=None if cache_ram is None else parse_size(cache_ram),
+        gpu_layers=_gpu_layers(gpu_layers),
         home=_home(context),
     )
     run_server(settings, lambda text: console.print(text, highlight=False, markup=False))
+
+
+@app.command()
+def doctor(
+    url: str = typer.Option(
+        None, "--url", help="Also ask a running Freehold server what it offloads per model."
+    ),
+    api_key: str = typer.Option(
+        None, "--api-key", envvar="FREEHOLD_API_KEY", help="Bearer key for --url."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable."),
+) -> None:
+    """What Freehold can run on here: llama.cpp's backend, its devices and their free memory,
+    CPU threads and RAM; with --url, whether each served model is offloaded to a GPU."""
+    from dataclasses import replace
+
+    from rich.markup import escape
+
+    from freehold import doctor as checkup
+
+    report = checkup.local_report()
+    if url:
+        report = replace(report, server_url=url, server=checkup.server_devices(url, api_key))
+    if json_out:
+        _print_json(report.to_json())
+        return
+    for key, value in checkup.report_lines(report):
+        console.print(f"[bold]{escape(key):>12}[/]  {escape(value)}", highlight=False)
 
 
 keys_app = typer.Typer(help="API keys for `freehold serve`.", no_args_is_help=True)
@@ -669,6 +826,9 @@ def bench(
         "1,2,4,8", "--sequences", help="Engine: concurrent sequences for aggregate tg."
     ),
     threads: int = typer.Option(None, "--threads", help="Engine: CPU threads (default: cores)."),
+    gpu_layers: str = typer.Option(
+        None, "--gpu-layers", help="Engine: layers on the GPU: auto (default), N, or 0 (CPU only)."
+    ),
     url: str = typer.Option(
         None, "--url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8080."
     ),
@@ -750,8 +910,14 @@ def bench(
         )
     if engine_model is not None:
         home = _home(context)
-        _bench_engine(home, engine_model, pp, tg, repeats, sequences, threads, json_out, record)
+        opts = _engine_bench_options(pp, tg, repeats, sequences, threads, gpu_layers)
+        _bench_engine(home, engine_model, opts, json_out, record)
         return
+    if gpu_layers is not None:
+        raise InvalidInput(
+            "--gpu-layers is for the engine benchmark; a server at --url offloads as it was "
+            "started (`freehold serve --gpu-layers ...`)"
+        )
     conversations = {"--users": users, "--turns": turns, "--prefix-len": prefix_len}
     endpoint = workloads.endpoint_for(workload, endpoint, num_prompts, conversations)
     extra = loadgen.parse_extra_body(extra_body)
@@ -815,31 +981,29 @@ def bench(
         )
     for path, what in ((save_raw, "raw timings"), (report, "report")):
         if path:
-            console.print(f"wrote {what} to {path}", highlight=False)
+            console.print(f"wrote {what} to {escape(str(path))}", highlight=False)
 
 
-def _bench_engine(
-    home: Paths,
-    ref: str,
-    pp: int,
-    tg: int,
-    repeats: int,
-    sequences: str,
-    threads: int | None,
-    json_out: bool,
-    record: bool,
-) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+def _engine_bench_options(
+    pp: int, tg: int, repeats: int, sequences: str, threads: int | None, gpu_layers: str | None
+):  # noqa: ANN202 - measure types imported lazily
+    from freehold.measure import bench_engine, loadgen
 
-    from freehold.measure import bench_engine, loadgen, tables
-
-    opts = bench_engine.EngineBenchOptions(
+    return bench_engine.EngineBenchOptions(
         pp=pp,
         tg=tg,
         repeats=repeats,
         sequences=tuple(loadgen.parse_int_list(sequences, "--sequences")),
         threads=threads,
+        gpu_layers=_gpu_layers(gpu_layers),
     )
+
+
+def _bench_engine(home: Paths, ref: str, opts, json_out: bool, record: bool) -> None:  # noqa: ANN001
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from freehold.measure import bench_engine, tables
+
     columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=True) as progress:
         task = progress.add_task("loading", total=None)
@@ -866,6 +1030,7 @@ def eval_(
     max_chunks: int = typer.Option(None, "--max-chunks", help="Score at most this many chunks."),
     threads: int = typer.Option(None, "--threads", help="CPU threads (default: all)."),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable."),
+    gpu_layers: str = _GPU_LAYERS,
 ) -> None:
     """Perplexity, and KL divergence / top-1 agreement against a reference (llama.cpp method)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
@@ -874,6 +1039,7 @@ def eval_(
     from freehold.measure import tables
 
     home = _home(context)
+    layers = _gpu_layers(gpu_layers)
     model_path = quality.resolve_model(model, home)
     ref_path = quality.resolve_model(reference, home) if reference else None
     body, name = None, "bundled corpus"
@@ -901,10 +1067,12 @@ def eval_(
             threads=threads,
             text_name=name,
             progress=on_chunk,
+            gpu_layers=layers,
         )
     if json_out:
         _measure_json(result.to_json())
         return
+    _say_offload(result.offload, gpu_layers)
     console.print(tables.eval_table(result))
 
 
@@ -950,7 +1118,7 @@ def cost(
         return
     console.print(tables.cost_tables(rep))
     if report:
-        console.print(f"wrote report to {report}", highlight=False)
+        console.print(f"wrote report to {escape(str(report))}", highlight=False)
 
 
 @app.command()
@@ -994,20 +1162,28 @@ def quantize(
     ),
     eval_chunks: int = typer.Option(8, "--eval-chunks", help="Chunks for the KL check; 0: skip."),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable."),
+    gpu_layers: str = typer.Option(
+        None, "--gpu-layers", help="For the KL check: layers on the GPU (auto, N, or 0)."
+    ),
 ) -> None:
     """Quantize with llama.cpp, store the result with lineage, and report what it cost."""
     from freehold.adapt.quantize import quantize_model
     from freehold.adapt.summaries import quantize_summary
     from freehold.vault import Vault
 
+    layers = _gpu_layers(gpu_layers) if eval_chunks else 0  # refused before any work
     with Vault(_home(context)) as vault, err_console.status("Quantizing with llama.cpp…"):
-        report = quantize_model(vault, model, to, fit, ctx, name, allow_requantize, eval_chunks)
+        report = quantize_model(
+            vault, model, to, fit, ctx, name, allow_requantize, eval_chunks, gpu_layers=layers
+        )
     summary = quantize_summary(report)
     if json_out:
         _print_json(summary)
         return
+    if report.quality is not None:
+        _say_offload(report.quality.offload, gpu_layers, "KL check: ")
     for key, value in summary["lines"]:
-        console.print(f"[bold]{key:>16}[/]  {value}", highlight=False)
+        console.print(f"[bold]{key:>16}[/]  {escape(str(value))}", highlight=False)
 
 
 @app.command()
@@ -1071,7 +1247,7 @@ def tune(
         _print_json(report.to_dict())
         return
     for key, value in tune_lines(report):
-        console.print(f"[bold]{key:>16}[/]  {value}", highlight=False)
+        console.print(f"[bold]{key:>16}[/]  {escape(str(value))}", highlight=False)
 
 
 @app.command("merge")

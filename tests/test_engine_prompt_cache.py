@@ -107,6 +107,25 @@ def model_path(request: pytest.FixtureRequest) -> Path:
     return request.getfixturevalue(f"{request.param}_path")
 
 
+def test_a_short_turn_after_a_long_prefix_is_computed_as_one_attention_tile(
+    smollm2_path: Path,
+) -> None:
+    """After ~1,500 cached tokens, 40 new ones run as a 64-row chunk (the CPU's tiled attention
+    kernel; row by row is several times slower there); 8 new ones stay row by row."""
+    cfg = EngineConfig(n_slots=1, n_ctx_per_slot=2048, n_threads=2)
+    with Engine(smollm2_path, cfg) as engine:
+        history = engine.tokenize(_text(7, 1200))[:1500]
+        assert engine.complete(history, _greedy(1), timeout=T).usage.cached_tokens == 0
+        more = engine.tokenize(_text(8, 60), add_special=False)
+        long_turn = history + more[:40]
+        assert engine.complete(long_turn, _greedy(1), timeout=T).usage.cached_tokens == (
+            len(long_turn) - 64
+        )
+        short_turn = long_turn + more[40:48]
+        done = engine.complete(short_turn, _greedy(1), timeout=T)
+        assert done.usage.cached_tokens == len(long_turn)
+
+
 def test_evicted_conversation_is_restored_not_recomputed(model_path: Path) -> None:
     first, other = _text(1, 200), _text(2, 150)
     follow_up = " And then " + _text(3, 20)

@@ -187,6 +187,9 @@ def test_soak_leaks_nothing(
     first = [t for when, t in tally.ttfts if when < window]
     last = [t for when, t in tally.ttfts if when >= seconds - window]
     p99_first, p99_last = np.percentile(first, 99), np.percentile(last, 99)
+    median = np.median([t for _, t in tally.ttfts])
+    print(f"soak: {tally.sent} requests in {soak_minutes:g} min, TTFT median {median:.3f}s, "
+          f"p99 first minute {p99_first:.3f}s, last {p99_last:.3f}s")  # fmt: skip
     assert p99_last <= 1.5 * p99_first, f"TTFT p99 {p99_first:.3f}s then {p99_last:.3f}s"
 
     with sqlite3.connect(tmp_path / "home" / "ledger.db") as db:

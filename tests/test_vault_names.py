@@ -39,3 +39,13 @@ def test_list_never_cuts_a_name(two_tags: None, cli, monkeypatch: pytest.MonkeyP
         assert f"{NAME}:q4_1" in out and f"{NAME}:q8_0" in out, width
         assert all(len(line) <= width for line in out.splitlines()), out
     assert "COMMERCIAL" in out  # at 120 columns nothing is dropped
+
+
+def test_show_prints_brackets_in_file_names_as_typed(  # type: ignore[no-untyped-def]
+    home: Path, cli, smollm2_path: Path, tmp_path: Path
+) -> None:
+    odd = tmp_path / "smol[red]lm[bold].gguf"
+    odd.symlink_to(smollm2_path)
+    assert cli("add", str(odd), "--name", "odd").code == 0
+    r = cli("show", "odd")
+    assert r.code == 0 and "smol[red]lm[bold].gguf" in r.out, r.out + r.err

@@ -13,6 +13,7 @@ import llama_cpp as ll
 
 from freehold.adapt.quantizer import FitChoice, Quantized, check_type, choose_fit, quantize
 from freehold.config import parse_size
+from freehold.engine.devices import GpuLayers, check_request, detect
 from freehold.errors import InvalidInput
 from freehold.measure.eval import EvalResult, evaluate
 from freehold.vault.catalog import ModelRecord
@@ -37,12 +38,19 @@ def quantize_model(
     name: str | None = None,
     allow_requantize: bool = False,
     eval_chunks: int | None = 8,
+    *,
+    gpu_layers: GpuLayers = "auto",
 ) -> QuantizeReport:
-    """Quantize a vault model, store the result with its lineage, and measure what it lost."""
+    """Quantize a vault model, store the result with its lineage, and measure what it lost.
+
+    `gpu_layers` is where the KL check runs (`--gpu-layers`); quantizing itself is CPU work.
+    """
     if (qtype is None) == (fit is None):
         raise InvalidInput("give exactly one of --to TYPE or --fit SIZE")
+    if eval_chunks:
+        check_request(gpu_layers, detect())  # refused before quantizing, not after
     source = vault.get(ref)
-    src = vault.blob_path(source)
+    src = vault.resolve_model_path(source.ref)  # a kept safetensors folder: says which GGUF
     choice = choose_fit(src, parse_size(fit), ctx) if fit else None
     if choice is not None and choice.chosen is None:
         raise InvalidInput(choice.explain())
@@ -68,5 +76,7 @@ def quantize_model(
         out.unlink(missing_ok=True)
     quality = None
     if eval_chunks:
-        quality = evaluate(vault.blob_path(record), src, max_chunks=eval_chunks)
+        quality = evaluate(
+            vault.blob_path(record), src, max_chunks=eval_chunks, gpu_layers=gpu_layers
+        )
     return QuantizeReport(record, source, result, choice, quality)

@@ -62,7 +62,7 @@ def tune_model(
     if vault.catalog.find(target) is not None:
         raise InvalidInput(f"'{target}' already exists in the vault: choose another --name")
     load_jsonl(data)  # fail on bad data before loading any weights
-    gguf = vault.blob_path(base)
+    gguf = vault.resolve_model_path(base.ref)  # a kept safetensors folder: says which GGUF
     trainer.template_source(gguf, base.ref)
     out = work_dir(vault, base, data)
     out.mkdir(parents=True, exist_ok=True)

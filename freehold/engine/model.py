@@ -46,10 +46,16 @@ def cpu_has_amx() -> bool:
     return " amx_int8" in flags or " amx_tile" in flags
 
 
-def load_params(*, use_mmap: bool = True, vocab_only: bool = False) -> ll.llama_model_params:
-    """How every Freehold model load asks llama.cpp for weights (on the CPU)."""
+def load_params(
+    *, use_mmap: bool = True, vocab_only: bool = False, gpu_layers: int = 0
+) -> ll.llama_model_params:
+    """How every Freehold model load asks llama.cpp for weights.
+
+    `gpu_layers` is llama.cpp's n_gpu_layers, already resolved (see engine/devices.py): 0 keeps
+    everything on the CPU (llama.cpp's own default, -1, would offload all it can).
+    """
     params = ll.llama_model_default_params()
-    params.n_gpu_layers = 0
+    params.n_gpu_layers = gpu_layers
     params.use_mmap = use_mmap
     params.vocab_only = vocab_only
     # llama.cpp 0.3.36's AMX matmul (an "extra buffer type") crashes on multi-token batches on
@@ -86,6 +92,19 @@ def available_ram_bytes() -> int:
     return 4 << 30
 
 
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc only; elsewhere nothing to do).
+
+    An unloaded model's buffers and the prompt cache's evicted states are freed into malloc's
+    arenas, which glibc keeps: without this a server that loads and unloads models grows.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """Facts about a loaded model that callers (server, CLI) may want to show."""
@@ -106,7 +125,9 @@ class ModelInfo:
 class Model:
     """A loaded GGUF model: weights, vocabulary, tokenizer and metadata."""
 
-    def __init__(self, path: str | os.PathLike[str], *, use_mmap: bool = True) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, use_mmap: bool = True, gpu_layers: int = 0
+    ) -> None:
         p = Path(path)
         if not p.is_file():
             raise NotFound(f"model file {p} does not exist; check the path or the vault name")
@@ -114,16 +135,24 @@ class Model:
 
         read_info(p)  # llama.cpp aborts the process on some damaged headers: refuse them first
         ensure_backend()
-        ptr = ll.llama_model_load_from_file(str(p).encode(), load_params(use_mmap=use_mmap))
+        params = load_params(use_mmap=use_mmap, gpu_layers=gpu_layers)
+        ptr = ll.llama_model_load_from_file(str(p).encode(), params)
+        if not ptr and gpu_layers:
+            raise InvalidInput(
+                f"{p} could not be loaded with {gpu_layers} layers on the GPU (out of device "
+                "memory?); try a smaller --gpu-layers, or 0"
+            )
         if not ptr:
             raise InvalidInput(f"{p} could not be loaded as a GGUF model; is it a valid .gguf?")
         self._ptr = ptr
         self.path = p
+        self.gpu_layers = gpu_layers
         self.vocab = ll.llama_model_get_vocab(ptr)
         self.n_vocab: int = ll.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train: int = ll.llama_model_n_ctx_train(ptr)
         self.n_embd: int = ll.llama_model_n_embd(ptr)
         self.n_layer: int = ll.llama_model_n_layer(ptr)
+        self.n_params: int = ll.llama_model_n_params(ptr)
         self.add_bos: bool = bool(ll.llama_vocab_get_add_bos(self.vocab))
         self.bos_id: int = ll.llama_vocab_bos(self.vocab)
         self.eos_id: int = ll.llama_vocab_eos(self.vocab)
@@ -189,13 +218,20 @@ class Model:
         v_len = int(self.meta(f"{arch}.attention.value_length") or self.n_embd // n_head)
         return self.n_layer * n_head_kv * (k_len + v_len) * 2
 
+    def attention_flops_per_token(self) -> int:
+        """Attention work of one query row per token of context it attends to (all layers)."""
+        n_head = ll.llama_model_n_head(self.ptr) or 1
+        k_len = int(self.meta(f"{self.arch}.attention.key_length") or self.n_embd // n_head)
+        v_len = int(self.meta(f"{self.arch}.attention.value_length") or self.n_embd // n_head)
+        return 2 * self.n_layer * n_head * (k_len + v_len)
+
     def info(self) -> ModelInfo:
         pooling = {1: "mean", 2: "cls", 3: "last", 4: "rank"}.get(self.pooling_type(), "none")
         return ModelInfo(
             path=str(self.path),
             name=self.name,
             arch=self.arch,
-            n_params=ll.llama_model_n_params(self.ptr),
+            n_params=self.n_params,
             size_bytes=ll.llama_model_size(self.ptr),
             n_ctx_train=self.n_ctx_train,
             n_vocab=self.n_vocab,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import mmap
 import threading
 import time
 from collections import OrderedDict
@@ -54,6 +55,16 @@ class CachedState:
     @property
     def nbytes(self) -> int:
         return len(self.state) + self.tokens.nbytes
+
+
+def state_buffer(size: int) -> ctypes.Array[ctypes.c_uint8]:
+    """A zeroed buffer for one saved state, in its own anonymous mapping.
+
+    States are megabytes and churn under the budget; from malloc they would fragment the heap
+    and the server's memory would only grow. A mapping goes back to the OS when the entry is
+    dropped (the ctypes array keeps the mapping alive until then).
+    """
+    return (ctypes.c_uint8 * size).from_buffer(mmap.mmap(-1, max(size, 1)))
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:

@@ -3,7 +3,10 @@
 Each loaded model is its own `Engine` with its own scheduler thread. Loads run on a background
 loader thread (llama.cpp releases the GIL while reading weights), so models already loaded keep
 serving. When a new model does not fit, idle models are unloaded least-recently-used first; a
-model idle for longer than its keep-alive is unloaded by a reaper thread. All engines share one
+model idle for longer than its keep-alive is unloaded by a reaper thread. Host memory and GPU
+memory are both counted: a model that would not fit in host memory is an error, while one
+whose layers would not all fit on the GPU first frees GPU memory held by idle models, and
+then gets the layers that fit (engine/devices.py decides how many). All engines share one
 `PromptCache`, so conversations saved from a model survive its unload and reload.
 """
 
@@ -16,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from freehold.engine import devices
 from freehold.engine.model import available_ram_bytes
 from freehold.engine.prompt_cache import PromptCache
 from freehold.engine.scheduler import Engine, EngineConfig
@@ -42,11 +46,71 @@ def _with_adapters(config: EngineConfig | None, spec: ModelSpec) -> EngineConfig
 class _Entry:
     ref: str
     engine: Engine
-    bytes: int
+    bytes: int  # host memory
+    device_bytes: int = 0  # GPU memory (the offloaded layers and their KV cache)
     last_used: float = field(default_factory=time.monotonic)
 
     def idle_since(self) -> float:
         return max(self.last_used, self.engine.last_active)
+
+    def resident(self) -> Resident:
+        return Resident(
+            self.ref, self.bytes, self.device_bytes, self.idle_since(), self.engine.busy
+        )
+
+
+@dataclass(frozen=True)
+class Resident:
+    """What deciding an unload needs to know about one loaded model."""
+
+    ref: str
+    host_bytes: int
+    device_bytes: int
+    idle_since: float
+    busy: bool
+
+
+@dataclass(frozen=True)
+class Room:
+    """What a model about to load needs, and the budgets it must fit in."""
+
+    ref: str
+    host_bytes: int
+    host_budget: int
+    device_bytes: int = 0  # 0 on a CPU-only build, or with --gpu-layers 0
+    device_budget: int = 0  # free GPU memory plus what loaded models hold there
+
+
+def choose_unloads(resident: list[Resident], room: Room) -> list[str]:
+    """Idle models to unload, least recently used first, so that `room` fits.
+
+    Host memory must fit (else InsufficientMemory). GPU memory is freed only from idle models
+    that hold some; when that is not enough the new model still loads, with fewer layers.
+    """
+    idle = sorted((r for r in resident if not r.busy), key=lambda r: r.idle_since)
+    host = sum(r.host_bytes for r in resident)
+    device = sum(r.device_bytes for r in resident)
+    victims: list[str] = []
+    while host + room.host_bytes > room.host_budget:
+        if not idle:
+            busy = "; the loaded models are busy, retry later" if resident else ""
+            raise InsufficientMemory(
+                f"loading {room.ref} needs about {room.host_bytes >> 20} MiB but only "
+                f"{(room.host_budget - host) >> 20} MiB of the "
+                f"{room.host_budget >> 20} MiB budget is free{busy}; "
+                "raise the memory budget or use a smaller model"
+            )
+        victim = idle.pop(0)
+        victims.append(victim.ref)
+        host, device = host - victim.host_bytes, device - victim.device_bytes
+    while room.device_bytes and device + room.device_bytes > room.device_budget:
+        holder = next((r for r in idle if r.device_bytes > 0), None)
+        if holder is None:
+            break
+        idle.remove(holder)
+        victims.append(holder.ref)
+        host, device = host - holder.host_bytes, device - holder.device_bytes
+    return victims
 
 
 class ModelPool:
@@ -116,6 +180,15 @@ class ModelPool:
         with self._lock:
             return sum(e.bytes for e in self._entries.values())
 
+    def used_device_bytes(self) -> int:
+        with self._lock:
+            return sum(e.device_bytes for e in self._entries.values())
+
+    def offload(self) -> dict[str, devices.OffloadPlan]:
+        """How each loaded model is split between CPU and GPU."""
+        with self._lock:
+            return {ref: e.engine.offload for ref, e in self._entries.items()}
+
     @staticmethod
     def estimate_bytes(path: Path) -> int:
         """Memory a model will take before it is loaded: weights plus KV and compute headroom."""
@@ -145,33 +218,39 @@ class ModelPool:
 
     def _load(self, ref: str, path: Path, config: EngineConfig | None) -> Engine:
         try:
-            self._make_room(self.estimate_bytes(path), ref)
+            self._make_room(self._room(ref, path, config or EngineConfig()))
             engine = Engine(path, config, name=ref, prompt_cache=self.prompt_cache)
             actual = engine.model.info().size_bytes + (
                 engine.model.kv_bytes_per_token() * engine.n_ctx_per_slot * engine.n_slots
             )
+            on_device = engine.offload.device_bytes
             with self._lock:
-                self._entries[ref] = _Entry(ref, engine, actual)
+                self._entries[ref] = _Entry(ref, engine, max(actual - on_device, 0), on_device)
             return engine
         finally:
             with self._lock:
                 self._loading.pop(ref, None)
 
-    def _make_room(self, need: int, ref: str) -> None:
+    def _room(self, ref: str, path: Path, config: EngineConfig) -> Room:
+        host = Room(ref, self.estimate_bytes(path), self.budget_bytes)
+        if config.gpu_layers == 0 or not path.is_file():
+            return host
+        backend = devices.detect()
+        if not backend.gpus:
+            return host  # CPU only: nothing changes
+        shape = devices.model_shape(path)
+        work = devices.workload(
+            shape, config.n_slots, config.n_ctx_per_slot, config.kv_type, config.n_batch
+        )
+        want = devices.full_offload_bytes(config.gpu_layers, shape, work)
+        budget = devices.usable_bytes(backend) + self.used_device_bytes()
+        return replace(host, device_bytes=want, device_budget=budget)
+
+    def _make_room(self, room: Room) -> None:
         with self._lock:
-            while self.used_bytes() + need > self.budget_bytes:
-                idle = [e for e in self._entries.values() if not e.engine.busy]
-                if not idle:
-                    busy = "; the loaded models are busy, retry later" if self._entries else ""
-                    raise InsufficientMemory(
-                        f"loading {ref} needs about {need >> 20} MiB but only "
-                        f"{(self.budget_bytes - self.used_bytes()) >> 20} MiB of the "
-                        f"{self.budget_bytes >> 20} MiB budget is free{busy}; "
-                        "raise the memory budget or use a smaller model"
-                    )
-                victim = min(idle, key=_Entry.idle_since)
-                self._entries.pop(victim.ref)
-                victim.engine.close()
+            resident = [e.resident() for e in self._entries.values()]
+            for ref in choose_unloads(resident, room):
+                self._entries.pop(ref).engine.close()
 
     def _reap(self) -> None:
         period = max(0.05, min(self.keep_alive_s / 4, 5.0))

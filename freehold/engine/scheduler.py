@@ -24,14 +24,13 @@ with a thread-split attention kernel when n_threads > 1; either can change low-o
 from __future__ import annotations
 
 import collections
-import ctypes
 import itertools
 import logging
 import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +45,14 @@ from freehold.engine.chat_template import (
     ChatTemplateError,
     Message,
 )
-from freehold.engine.model import Model, available_ram_bytes, physical_cores
-from freehold.engine.prompt_cache import CachedState, PromptCache
+from freehold.engine.devices import GpuLayers, OffloadPlan, loaded_plan, resolve_offload
+from freehold.engine.model import (
+    Model,
+    available_ram_bytes,
+    physical_cores,
+    release_freed_memory,
+)
+from freehold.engine.prompt_cache import CachedState, PromptCache, state_buffer
 from freehold.engine.sampling import Sampler, SamplingParams
 from freehold.engine.stops import StopMatcher
 from freehold.engine.types import (
@@ -77,6 +82,14 @@ _ids = itertools.count(1)
 # recomputing is as cheap.
 _MIN_BORROW = 16
 _KV_TYPES = {"f16": ll.GGML_TYPE_F16, "q8_0": ll.GGML_TYPE_Q8_0}
+# llama.cpp's CPU flash attention runs a sequence's query rows through a tiled kernel from 64
+# rows in one call, and one row at a time below that. Attending to a long cached prefix, the
+# row kernel is far slower per row (measured here: ~14x the tiled kernel's cost per row and
+# context token, where the tiled kernel costs about what the weights' flops do), so a short
+# rest of a prompt after a long prefix is cheaper computed as 64 rows, a few cached ones again.
+_FA_TILE = 64
+_ROW_KERNEL_COST, _TILE_KERNEL_COST = 16.0, 1.2  # cost of an attention flop, in weight flops
+_CLEARLY = 2.0  # the cost model is rough: recompute only when it at least halves the cost
 
 
 @dataclass
@@ -99,6 +112,9 @@ class EngineConfig:
     # Jinja source used for chat instead of the model's own (`--chat-template`), e.g. so a base
     # model without a template can chat. Source text, not a name: resolved once by the caller.
     chat_template: str | None = None
+    # Layers on the GPU: "auto" (as many as fit beside the KV cache), a count, or 0 (CPU only).
+    # Resolved once, at load, by engine/devices.py; the engine's `offload` says what it chose.
+    gpu_layers: GpuLayers = "auto"
 
 
 @dataclass
@@ -150,7 +166,10 @@ class Engine:
     ) -> None:
         self.config = cfg = config or EngineConfig()
         self._owns_model = not isinstance(model, Model)
-        self.model = model if isinstance(model, Model) else Model(model)
+        self.offload: OffloadPlan
+        self.model = model if isinstance(model, Model) else self._load_model(Path(model), cfg)
+        if not self._owns_model:
+            self.offload = loaded_plan(self.model.gpu_layers, self.model.n_layer)
         self.name = name or self.model.path.stem
         self.n_threads = cfg.n_threads or physical_cores()
         try:
@@ -167,6 +186,7 @@ class Engine:
                 self.model.close()
             raise
         self._mem = ll.llama_get_memory(self._ctx)
+        self._attention_flops = self.model.attention_flops_per_token()
         self._n_vocab = self.model.n_vocab
         self._batch = Batch(max(cfg.n_batch, self.n_slots))
         self._slots = [_Slot(i) for i in range(self.n_slots)]
@@ -198,6 +218,23 @@ class Engine:
         self._thread.start()
 
     # -- sizing --------------------------------------------------------------------------------
+
+    def _load_model(self, path: Path, cfg: EngineConfig) -> Model:
+        """Decide the GPU offload for this model and these slots, then load the weights."""
+        if not path.is_file():
+            return Model(path)  # says NotFound in the vault's words
+        self.offload = resolve_offload(
+            cfg.gpu_layers,
+            path,
+            slots=cfg.n_slots,
+            ctx_per_slot=cfg.n_ctx_per_slot,
+            kv_type=cfg.kv_type,
+            n_batch=cfg.n_batch,
+        )
+        model = Model(path, gpu_layers=self.offload.gpu_layers)
+        if self.offload.n_layer != model.n_layer:  # a CPU-only plan never read the header
+            self.offload = replace(self.offload, n_layer=model.n_layer)
+        return model
 
     def _ctx_per_slot(self, cfg: EngineConfig) -> int:
         n = cfg.n_ctx_per_slot or min(self.model.n_ctx_train or 4096, 4096)
@@ -435,6 +472,7 @@ class Engine:
             self._ctx = None
         if self._owns_model:
             self.model.close()
+        release_freed_memory()
 
     def __enter__(self) -> Engine:
         return self
@@ -538,7 +576,7 @@ class Engine:
             keep = _common_prefix(slot.tokens, req.prompt)
             self._save(slot, keep)
             keep = self._fetch_prefix(slot, req, keep)
-            keep = min(keep, len(req.prompt) - 1)
+            keep = self._compute_from(min(keep, len(req.prompt) - 1), len(req.prompt))
         else:
             slot, keep = self._contiguous(free)[0], 0
         keep = self._trim(slot, keep)
@@ -546,6 +584,20 @@ class Engine:
         req.admitted_at = time.perf_counter()
         slot.req = req
         self._n_prompt_cached += keep
+
+    def _compute_from(self, keep: int, n: int) -> int:
+        """Where to start computing an `n`-token prompt whose first `keep` are held.
+
+        From `keep`, unless the rest is under a flash-attention tile and computing a whole
+        tile (recomputing some held tokens) costs clearly less on the CPU: see `_FA_TILE`.
+        """
+        rest = n - keep
+        if not self.config.flash_attn or self.offload.active or rest >= _FA_TILE or n <= _FA_TILE:
+            return keep
+        weights, attention = 2 * self.model.n_params, self._attention_flops
+        by_rows = rest * (weights + n * attention * _ROW_KERNEL_COST)
+        as_tile = _FA_TILE * (weights + n * attention * _TILE_KERNEL_COST)
+        return n - _FA_TILE if as_tile * _CLEARLY < by_rows else keep
 
     def _trim(self, slot: _Slot, keep: int) -> int:
         """Drop the slot's KV past `keep` tokens; returns what it still holds."""
@@ -588,7 +640,7 @@ class Engine:
         if self._cache.covers(self.fingerprint, tokens):
             return
         size = ll.llama_state_seq_get_size(self._ctx, slot.id)
-        state = (ctypes.c_uint8 * size)()
+        state = state_buffer(size)
         if ll.llama_state_seq_get_data(self._ctx, state, size, slot.id) == size:
             self._cache.put(self.fingerprint, tokens, state)
 

@@ -6,6 +6,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from freehold.engine.chat_template import ChatTemplateError, Message, template_source
+from freehold.engine.devices import GpuLayers
 from freehold.engine.sampling import SamplingParams
 from freehold.engine.scheduler import Engine, EngineConfig
 from freehold.engine.types import Completion, RequestHandle
@@ -23,11 +24,13 @@ def open_engine(
     n_slots: int = 1,
     chat_template: str | None = None,
     home: Paths | None = None,
+    gpu_layers: GpuLayers = "auto",
 ) -> Engine:
     """Load a vault name (in `home`), .gguf path or BASE+ADAPTER for a single user (one slot by
     default).
 
-    `chat_template` is a built-in NAME or a Jinja FILE that replaces the model's own template.
+    `chat_template` is a built-in NAME or a Jinja FILE that replaces the model's own template;
+    `gpu_layers` is `--gpu-layers` (the engine's `offload` says what it chose).
     """
     # Resolved first, so a bad name fails before the weights load.
     source = template_source(chat_template) if chat_template is not None else None
@@ -38,6 +41,7 @@ def open_engine(
         n_threads=n_threads,
         adapters=tuple(str(a) for a in spec.adapters),
         chat_template=source,
+        gpu_layers=gpu_layers,
     )
     return Engine(spec.path, cfg, name=ref)
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from freehold.config import Paths
 from freehold.engine import Completion, Engine, EngineConfig, RequestHandle, SamplingParams
+from freehold.engine.devices import GpuLayers
 from freehold.errors import FreeholdError, InvalidInput
 from freehold.measure import measurements
 from freehold.vault import ModelSpec, resolve_model_spec
@@ -44,6 +45,7 @@ class EngineBenchOptions:
     sequences: tuple[int, ...] = (1, 2, 4, 8)
     threads: int | None = None
     seed: int = 0
+    gpu_layers: GpuLayers = "auto"  # `--gpu-layers`: auto, N or 0
 
     def validate(self) -> EngineBenchOptions:
         for name in ("pp", "tg", "repeats"):
@@ -91,6 +93,7 @@ class EngineBenchResult:
     tg: TestResult
     aggregate: list[TestResult]
     recorded: measurements.Throughput | None = None
+    offload: str = ""  # what the engine put on the GPU, in words
 
     @property
     def tests(self) -> list[TestResult]:
@@ -169,6 +172,7 @@ def bench_config(opts: EngineBenchOptions) -> EngineConfig:
         n_ctx_per_slot=max(opts.pp, opts.tg, WARMUP_PP) + 16,
         max_queue=slots,
         prefix_cache=False,  # every repeat computes its whole prompt
+        gpu_layers=opts.gpu_layers,
     )
 
 
@@ -219,6 +223,7 @@ def run_engine_bench(
                 step += 1
         _report(on_progress, "done", total, total)
         threads = engine.n_threads
+        offload = engine.offload.summary
     results = {seqs: TestResult(test, seqs, Stat.of(samples[seqs])) for test, seqs in plan}
     out = EngineBenchResult(
         model=spec.ref,
@@ -229,6 +234,7 @@ def run_engine_bench(
         pp=results[0],
         tg=results[1],
         aggregate=[results[s] for s in sorted(set(opts.sequences))],
+        offload=offload,
     )
     if record:
         out.recorded = _record(out, home)

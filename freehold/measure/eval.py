@@ -26,6 +26,7 @@ import numpy as np
 
 from freehold.config import Paths
 from freehold.engine.adapters import attach_lora
+from freehold.engine.devices import GpuLayers, resolve_offload
 from freehold.engine.model import load_params
 from freehold.errors import FreeholdError, InvalidInput, NotFound
 from freehold.vault import ModelSpec, resolve_model_spec
@@ -53,6 +54,7 @@ class EvalResult:
     kl_p99: float | None = None
     max_kl: float | None = None
     top1_agreement: float | None = None
+    offload: dict[str, Any] | None = None  # what went on the GPU for the scored model
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,11 +105,17 @@ class _Scorer:
         threads: int,
         vocab_only: bool = False,
         adapters: tuple[Path, ...] = (),
+        gpu_layers: GpuLayers = 0,
     ) -> None:
         ll = _llama()
         ll.llama_backend_init()
         self.ll = ll
-        params = load_params(vocab_only=vocab_only)
+        self.offload = None
+        if not vocab_only:
+            self.offload = resolve_offload(gpu_layers, path, slots=1, ctx_per_slot=ctx, n_batch=ctx)
+        params = load_params(
+            vocab_only=vocab_only, gpu_layers=self.offload.gpu_layers if self.offload else 0
+        )
         self.model = ll.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
             raise InvalidInput(f"{path} could not be loaded as a GGUF model")
@@ -181,10 +189,15 @@ class _Scorer:
 
 @contextmanager
 def _scorer(
-    model: Path | ModelSpec, ctx: int, threads: int, vocab_only: bool = False
+    model: Path | ModelSpec,
+    ctx: int,
+    threads: int,
+    vocab_only: bool = False,
+    gpu_layers: GpuLayers = 0,
 ) -> Iterator[_Scorer]:
     spec = _spec(model)
-    s = _Scorer(spec.path, ctx, threads, vocab_only, () if vocab_only else spec.adapters)
+    adapters = () if vocab_only else spec.adapters
+    s = _Scorer(spec.path, ctx, threads, vocab_only, adapters, gpu_layers)
     try:
         yield s
     finally:
@@ -260,9 +273,13 @@ def evaluate(
     threads: int | None = None,
     text_name: str = "bundled corpus",
     progress: Progress | None = None,
+    gpu_layers: GpuLayers = "auto",
 ) -> EvalResult:
     """Perplexity of `model` on `text` (default: the bundled corpus), and, with a `reference`,
-    mean / median / p99 / max KL(reference || model) and top-1 agreement."""
+    mean / median / p99 / max KL(reference || model) and top-1 agreement.
+
+    `gpu_layers` (`--gpu-layers`) applies to both models; the result says what was offloaded.
+    """
     if ctx < 8:
         raise InvalidInput(f"--ctx must be at least 8 tokens, got {ctx}")
     if max_chunks is not None and max_chunks < 1:
@@ -272,7 +289,7 @@ def evaluate(
     if reference is not None:
         _check_vocab(model, reference, text)
     first = ctx // 2
-    with _scorer(model, ctx, threads) as m:
+    with _scorer(model, ctx, threads, gpu_layers=gpu_layers) as m:
         tokens = m.tokenize(text)
         n_chunks = len(tokens) // ctx
         if max_chunks is not None:
@@ -282,7 +299,8 @@ def evaluate(
                 f"the text has {len(tokens)} tokens, fewer than one chunk of {ctx}: "
                 "give a longer text or a smaller --ctx"
             )
-        with _maybe_scorer(reference, ctx, threads) as r:
+        offload = m.offload.to_json() if m.offload else None
+        with _maybe_scorer(reference, ctx, threads, gpu_layers) as r:
             parts = _score_chunks(m, r, tokens, ctx, first, n_chunks, progress)
     nll, ref_nll, kl, agree = parts
     ppl, ppl_err = _ppl(nll)
@@ -295,6 +313,7 @@ def evaluate(
         tokens_scored=int(nll.size),
         perplexity=ppl,
         perplexity_err=ppl_err,
+        offload=offload,
     )
     if ref_nll is None or kl is None or agree is None:
         return result
@@ -313,12 +332,12 @@ def evaluate(
 
 @contextmanager
 def _maybe_scorer(
-    path: Path | ModelSpec | None, ctx: int, threads: int
+    path: Path | ModelSpec | None, ctx: int, threads: int, gpu_layers: GpuLayers = 0
 ) -> Iterator[_Scorer | None]:
     if path is None:
         yield None
         return
-    with _scorer(path, ctx, threads) as s:
+    with _scorer(path, ctx, threads, gpu_layers=gpu_layers) as s:
         yield s
 
 

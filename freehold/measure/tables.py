@@ -194,6 +194,8 @@ def engine_bench_table(r: EngineBenchResult) -> Group:
     """llama-bench's layout: one row per test, tokens per second as mean ± sd."""
     adapters = f" with {len(r.adapters)} adapter(s)" if r.adapters else ""
     head = Text(f"{r.model}{adapters}: {r.threads} threads, {r.options.repeats} repeats")
+    if r.offload:
+        head.append(f"; {r.offload}")
     t = Table()
     for col in ("test", "sequences", "t/s"):
         t.add_column(col, justify="left" if col == "test" else "right")

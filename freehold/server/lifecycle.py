@@ -16,6 +16,7 @@ import uvicorn
 
 from freehold.config import Paths, read_settings
 from freehold.engine import EngineConfig, ModelPool, PromptCache, template_source
+from freehold.engine.devices import check_request, detect, parse_gpu_layers
 from freehold.errors import InvalidInput, NotFound
 from freehold.server.auth import KeyStore
 from freehold.server.services import Services
@@ -49,7 +50,8 @@ def choose_models(refs: list[str], say: Callable[[str], None], home: Paths) -> d
 
                 vault.add(plan_import(STARTER_SOURCE, None), STARTER_NAME)
                 records = vault.list()
-            refs = [r.ref.removesuffix(":latest") for r in records]
+            # Kept originals (safetensors folders) are served through their GGUFs, not as such.
+            refs = [r.ref.removesuffix(":latest") for r in records if r.format == "gguf"]
     out: dict[str, ModelSpec] = {}
     for ref in refs:
         mid = model_id(ref)
@@ -74,6 +76,7 @@ def build_pool(settings: ServerSettings, files: dict[str, ModelSpec | Path]) -> 
         n_ctx_per_slot=settings.ctx,
         max_queue=settings.max_queue + _ENGINE_QUEUE_HEADROOM,
         chat_template=template_source(template) if template is not None else None,
+        gpu_layers=parse_gpu_layers(settings.gpu_layers),
     )
     # Served models stay loaded (keep-alive forever) unless memory is needed for another.
     return ModelPool(
@@ -168,6 +171,8 @@ def announce_when_ready(server: DrainingServer, text: str, say: Callable[[str], 
                 say(f"{model} did not load ({why.removeprefix('failed: ')}); see the log above")
             return
         if server.started and registry.all_ready():
+            for model, plan in registry.pool.offload().items():
+                say(f"{model}: {plan.summary}")
             say(text)
             return
         time.sleep(0.05)
@@ -178,6 +183,8 @@ def serve(settings: ServerSettings, say: Callable[[str], None]) -> None:
     from freehold.server.app import create_app
 
     settings.check()
+    # A layer count this llama.cpp build cannot offload fails here, not in a background load.
+    check_request(parse_gpu_layers(settings.gpu_layers), detect())
     settings.apply_saved(read_settings(settings.home).get("server", {}) or {})
     keys_required = check_security(settings)
     named = bool(settings.models)

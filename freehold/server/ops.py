@@ -1,6 +1,9 @@
-"""Operations: /health (liveness, always open), /ready (models loaded), /metrics (Prometheus)."""
+"""Operations: /health (liveness, always open), /ready (models loaded), /metrics (Prometheus),
+/devices (the llama.cpp backend, its devices, and each loaded model's GPU offload)."""
 
 from __future__ import annotations
+
+from dataclasses import asdict
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -25,6 +28,24 @@ async def ready(request: Request, key: ApiKey | None = Depends(authenticate)) ->
     ok = not s.draining and s.registry.all_ready()
     status = "draining" if s.draining else ("ready" if ok else "loading")
     return JSONResponse({"status": status, "models": models}, status_code=200 if ok else 503)
+
+
+@router.get("/devices")
+async def devices(request: Request, key: ApiKey | None = Depends(authenticate)) -> dict:
+    from freehold.engine.devices import detect
+
+    s = services(request)
+    backend = detect()
+    offload = s.registry.pool.offload()
+    return {
+        "backend": backend.name,
+        "gpu_offload": backend.gpu_offload,
+        "devices": [asdict(d) for d in backend.devices],
+        "models": {
+            model: {"state": state, **(offload[model].to_json() if model in offload else {})}
+            for model, state in s.registry.ready().items()
+        },
+    }
 
 
 @router.get("/metrics")

@@ -35,6 +35,7 @@ class ServerSettings:
     chat_template: str | None = None  # `--chat-template` NAME|FILE for every served model
     load_wait_s: float = 60.0  # a request waits this long for its model to load, then 503
     cache_ram_bytes: int | None = None  # prompt cache in host memory; None: from free RAM; 0: off
+    gpu_layers: int | str = "auto"  # `--gpu-layers` for every served model: auto, N or 0
     home: Paths = field(default_factory=paths)
 
     def check(self) -> None:

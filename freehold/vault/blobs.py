@@ -151,9 +151,20 @@ class BlobStore:
 
         return self.stage(all_chunks(), expected, progress)
 
-    def stage_link(self, path: Path, progress: Progress | None = None) -> StagedBlob:
-        """Hash a file and hard-link it into the temp area instead of copying it."""
-        digest, size = hash_file(path, progress)
+    def stage_link(
+        self, path: Path, progress: Progress | None = None, known_digest: str | None = None
+    ) -> StagedBlob:
+        """Hard-link a file into the temp area instead of copying it.
+
+        It is hashed here unless `known_digest` is given: the caller hashed the bytes as it wrote
+        them (a download), and reading hundreds of MB again would only check that check.
+        """
+        if known_digest is None:
+            digest, size = hash_file(path, progress)
+        else:
+            digest, size = known_digest, path.stat().st_size
+            if progress is not None:
+                progress(size)
         self.tmp.mkdir(parents=True, exist_ok=True)
         tmp_path = self.tmp / f"link-{os.getpid()}-{digest[7:23]}.partial"
         tmp_path.unlink(missing_ok=True)

@@ -28,11 +28,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from freehold import __version__
 from freehold.atomic import atomic_write
 from freehold.errors import IntegrityError, InvalidInput, NotFound
-from freehold.vault import licenses
+from freehold.vault import folders, licenses
 from freehold.vault.blobs import CHUNK, StagedBlob, check_digest, staged_cleanup
 from freehold.vault.catalog import ModelFile, ModelRecord, parse_ref
 from freehold.vault.gguf_meta import read_info
-from freehold.vault.store import ProgressFactory, Provenance, Vault, _no_progress, new_record
+from freehold.vault.store import ProgressFactory, Provenance, Vault, _no_progress, _now, new_record
 
 FORMAT = "freehold-bundle/1"
 MANIFEST = "manifest.json"
@@ -107,7 +107,7 @@ def _model_entry(vault: Vault, r: ModelRecord) -> dict[str, Any]:
 def build_manifest(vault: Vault, records: list[ModelRecord]) -> dict[str, Any]:
     blobs: dict[str, int] = {}
     for r in records:
-        blobs[r.digest] = r.size
+        blobs[r.digest] = folders.manifest_size(r) if r.format == folders.FORMAT else r.size
         for f in r.files:
             blobs[f.digest] = f.size
     return {
@@ -363,6 +363,13 @@ def _record_from_entry(
         entry.get("derivation"),
     )
     license_id = licenses.by_id(str(entry.get("license_id", "unknown"))).id
+    if entry.get("format") == folders.FORMAT:  # a kept safetensors folder: its manifest blob
+        try:
+            return folders.record_from_staged(
+                weights, staged, name, tag, origin, license_id, _now()
+            )
+        except InvalidInput as e:
+            raise _bad(bundle, str(e)) from None
     record = new_record(
         read_info(weights.tmp_path, entry["ref"]), weights, name, tag, origin, license_id
     )

@@ -30,6 +30,8 @@ class SourceFile:
     filename: str
     parts: list[Path]
     expected_digest: str | None = None
+    # True when the expected digest was checked as the bytes were written (a download).
+    verified: bool = False
 
     @property
     def size(self) -> int:
@@ -268,7 +270,7 @@ def hf_cache_dir() -> Path:
     return Path.home() / ".cache" / "huggingface" / "hub"
 
 
-def _card_license(snapshot: Path) -> list[str]:
+def card_license(snapshot: Path) -> list[str]:
     """`license:` from a model card's YAML front matter, if any."""
     card = snapshot / "README.md"
     if not card.is_file():
@@ -312,5 +314,5 @@ def plan_hf(spec: str, pick: str | None = None) -> ImportPlan:
         SourceFile("weights", chosen, [path], expected),
         extras=license_files_in(snapshot),
         upstream_revision=commit,
-        license_ids=_card_license(snapshot),
+        license_ids=card_license(snapshot),
     )

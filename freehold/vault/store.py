@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from freehold.config import Paths, paths
-from freehold.errors import InvalidInput, NotFound
+from freehold.errors import IntegrityError, InvalidInput, NotFound
 from freehold.vault import licenses
 from freehold.vault.blobs import BlobStore, StagedBlob, staged_cleanup
 from freehold.vault.catalog import Catalog, ModelFile, ModelRecord, parse_ref
@@ -138,12 +138,26 @@ class Vault:
         p = Path(ref).expanduser()
         if p.suffix == ".gguf" and p.is_file():
             return p
-        path = self.blob_path(self.get(ref))
+        record = self.get(ref)
+        if record.format != "gguf":
+            raise InvalidInput(self._not_loadable(record))
+        path = self.blob_path(record)
         if not path.is_file():
             raise NotFound(
                 f"the weights of '{ref}' are missing from the vault: run `freehold verify`"
             )
         return path
+
+    def _not_loadable(self, record: ModelRecord) -> str:
+        """What to load instead of a kept original (a safetensors folder): its GGUFs."""
+        children = [r.ref for r in self.list() if r.parent_digest == record.digest]
+        instead = (
+            f"use its GGUF: {', '.join(children)}"
+            if children
+            else "convert it with `freehold add DIR` and use the GGUF"
+        )
+        kept = f"'{record.ref}' is the original {record.format} copy"
+        return f"{kept}, which llama.cpp cannot load: {instead}"
 
     # -- adding ----------------------------------------------------------------------------
 
@@ -210,7 +224,15 @@ class Vault:
         if link:
             if len(source.parts) != 1:
                 raise InvalidInput("--link needs a single file; this source is split into chunks")
-            return self.blobs.stage_link(source.parts[0], advance)
+            known = source.expected_digest if source.verified else None
+            staged = self.blobs.stage_link(source.parts[0], advance, known)
+            if source.expected_digest not in (None, staged.digest):
+                self.blobs.discard(staged)
+                raise IntegrityError(
+                    f"{source.filename} hashes to {staged.digest} but its source says "
+                    f"{source.expected_digest}; the source is corrupt or was changed"
+                )
+            return staged
         return self.blobs.stage_files(source.parts, source.expected_digest, advance)
 
     def _stage_small(self, source: SourceFile) -> StagedBlob:
@@ -286,14 +308,17 @@ class Vault:
         return record, freed
 
     def gc(self) -> tuple[int, int]:
-        """Delete blobs no model references and temp files of dead writes: (count, bytes)."""
+        """Delete blobs no model references, temp files of dead writes and the downloads of
+        pulls nobody is running (a rerun `pull` would have resumed them): (count, bytes)."""
+        from freehold.vault.pull.staging import clear_stale
+
         keep = self.catalog.referenced_digests()
         count = freed = 0
         for digest in self.blobs.digests():
             if digest not in keep:
                 freed += self.blobs.remove(digest)
                 count += 1
-        freed += self.blobs.clear_temp()
+        freed += self.blobs.clear_temp() + clear_stale(self.home)
         return count, freed
 
     def verify(
