@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +18,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from freehold.config import Paths
+    from freehold.engine import Engine
 
 app = typer.Typer(
     help="Freehold: own your AI. Keep verified open weights, serve them, adapt and measure them.",
@@ -491,6 +494,30 @@ def _gpu_layers(value: str | None):  # noqa: ANN202 - engine types imported lazi
     return checked_gpu_layers(value)
 
 
+@contextmanager
+def _engine(
+    context: typer.Context,
+    model: str,
+    ctx: int,
+    threads: int | None,
+    chat_template: str | None,
+    gpu_layers: str | None,
+) -> Iterator[Engine]:
+    """The engine `run` and `chat` talk to, having said what went on the GPU."""
+    from freehold.engine.session import open_engine
+
+    with open_engine(
+        model,
+        n_ctx=ctx,
+        n_threads=threads,
+        chat_template=chat_template,
+        home=_home(context),
+        gpu_layers=_gpu_layers(gpu_layers),
+    ) as engine:
+        _say_offload(engine.offload.to_json(), gpu_layers)
+        yield engine
+
+
 def _say_offload(plan: dict | None, asked: str | None, prefix: str = "") -> None:
     """What went on the GPU (an OffloadPlan's JSON), on stderr; on a CPU-only build only when
     --gpu-layers was given (nothing was chosen, and scripts reading stderr keep one line)."""
@@ -521,20 +548,12 @@ def run(
     """Generate a reply to one prompt, streamed to stdout."""
     import json
 
-    from freehold.engine.session import completion_json, open_engine, submit_prompt
+    from freehold.engine.session import completion_json, submit_prompt
 
     if prompt is None:
         prompt = sys.stdin.read()
     params = _run_sampling(temperature, top_p, top_k, min_p, seed, max_tokens, stop)
-    with open_engine(
-        model,
-        n_ctx=ctx,
-        n_threads=threads,
-        chat_template=chat_template,
-        home=_home(context),
-        gpu_layers=_gpu_layers(gpu_layers),
-    ) as engine:
-        _say_offload(engine.offload.to_json(), gpu_layers)
+    with _engine(context, model, ctx, threads, chat_template, gpu_layers) as engine:
         handle = submit_prompt(engine, prompt, params, system=system, raw=raw)
         if json_out:
             result = handle.result()
@@ -561,20 +580,14 @@ def chat(
     gpu_layers: str = _GPU_LAYERS,
 ) -> None:
     """Interactive streaming chat. /reset forgets the conversation, /exit leaves."""
-    from freehold.engine.session import ChatSession, open_engine
+    from freehold.engine.session import ChatSession
 
     params = _run_sampling(temperature, top_p, top_k, min_p, seed, max_tokens, stop)
-    with open_engine(
-        model,
-        n_ctx=ctx,
-        n_threads=threads,
-        chat_template=chat_template,
-        home=_home(context),
-        gpu_layers=_gpu_layers(gpu_layers),
-    ) as engine:
-        _say_offload(engine.offload.to_json(), gpu_layers)
+    with _engine(context, model, ctx, threads, chat_template, gpu_layers) as engine:
         session = ChatSession(engine, params, system=system)
-        err_console.print(f"[dim]chatting with {model}; /reset to start over, /exit to leave[/]")
+        err_console.print(
+            f"[dim]chatting with {escape(model)}; /reset to start over, /exit to leave[/]"
+        )
         while True:
             try:
                 line = console.input("[bold cyan]> [/]")
