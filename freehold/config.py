@@ -63,6 +63,16 @@ class Paths:
         return self.root / "responses.db"
 
     @property
+    def batches(self) -> Path:
+        # Batch API state: uploaded files, batches and each line's result (prompts inside: 0600).
+        return self.root / "batches.db"
+
+    @property
+    def batch_files(self) -> Path:
+        # The contents of the Batch API's files (inputs, outputs, errors), one file each.
+        return self.root / "files"
+
+    @property
     def audit_log(self) -> Path:
         return self.root / "audit.jsonl"
 

@@ -105,6 +105,10 @@ def _server_lines(url: str, s: dict[str, Any]) -> list[tuple[str, str]]:
     lines = [("Server", f"{url}: backend {s.get('backend')}, {offload}")]
     for model, m in (s.get("models") or {}).items():
         lines.append((f"  {model}", f"{m.get('state')}; {m.get('summary', 'not loaded')}"))
+    for name, u in (s.get("upstreams") or {}).items():  # `serve --upstream`
+        why = f"; {u['last_error']}" if u.get("last_error") else ""
+        text = f"{u.get('state')} {u.get('url')} ({u.get('model')}), {u.get('in_flight')} in flight"
+        lines.append((f"  upstream {name}", text + why))
     return lines
 
 

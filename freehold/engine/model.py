@@ -11,6 +11,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import llama_cpp as ll
 
@@ -126,8 +127,15 @@ class Model:
     """A loaded GGUF model: weights, vocabulary, tokenizer and metadata."""
 
     def __init__(
-        self, path: str | os.PathLike[str], *, use_mmap: bool = True, gpu_layers: int = 0
+        self,
+        path: str | os.PathLike[str],
+        *,
+        use_mmap: bool = True,
+        gpu_layers: int = 0,
+        vocab_only: bool = False,
     ) -> None:
+        """`vocab_only`: the tokenizer and metadata without the weights (a gateway's view of a
+        model whose replicas run elsewhere)."""
         p = Path(path)
         if not p.is_file():
             raise NotFound(f"model file {p} does not exist; check the path or the vault name")
@@ -135,7 +143,7 @@ class Model:
 
         read_info(p)  # llama.cpp aborts the process on some damaged headers: refuse them first
         ensure_backend()
-        params = load_params(use_mmap=use_mmap, gpu_layers=gpu_layers)
+        params = load_params(use_mmap=use_mmap, gpu_layers=gpu_layers, vocab_only=vocab_only)
         ptr = ll.llama_model_load_from_file(str(p).encode(), params)
         if not ptr and gpu_layers:
             raise InvalidInput(
@@ -149,9 +157,15 @@ class Model:
         self.gpu_layers = gpu_layers
         self.vocab = ll.llama_model_get_vocab(ptr)
         self.n_vocab: int = ll.llama_vocab_n_tokens(self.vocab)
-        self.n_ctx_train: int = ll.llama_model_n_ctx_train(ptr)
-        self.n_embd: int = ll.llama_model_n_embd(ptr)
-        self.n_layer: int = ll.llama_model_n_layer(ptr)
+        self.vocab_only = vocab_only
+        # Without weights llama.cpp leaves the hyperparameters unset: read them from the header.
+        self.n_ctx_train: int = self._hparam("context_length", ll.llama_model_n_ctx_train)
+        self.n_embd: int = self._hparam("embedding_length", ll.llama_model_n_embd)
+        self.n_layer: int = self._hparam("block_count", ll.llama_model_n_layer)
+        self.n_head: int = self._hparam("attention.head_count", ll.llama_model_n_head) or 1
+        self.n_head_kv: int = (
+            self._hparam("attention.head_count_kv", ll.llama_model_n_head_kv) or self.n_head
+        )
         self.n_params: int = ll.llama_model_n_params(ptr)
         self.add_bos: bool = bool(ll.llama_vocab_get_add_bos(self.vocab))
         self.bos_id: int = ll.llama_vocab_bos(self.vocab)
@@ -180,6 +194,12 @@ class Model:
             pass
 
     # -- metadata ------------------------------------------------------------------------------
+
+    def _hparam(self, key: str, loaded: Any) -> int:
+        if not self.vocab_only:
+            return int(loaded(self.ptr))
+        value = self.meta(f"{self.arch}.{key}") or "0"
+        return int(value) if value.isdigit() else 0  # per-layer arrays: unknown here
 
     def meta(self, key: str) -> str | None:
         """A GGUF metadata value as a string, or None when the key is absent."""
@@ -211,19 +231,19 @@ class Model:
 
     def kv_bytes_per_token(self) -> int:
         """Bytes of f16 KV cache one token takes across all layers (for slot sizing)."""
-        arch = self.arch
-        n_head = ll.llama_model_n_head(self.ptr) or 1
-        n_head_kv = ll.llama_model_n_head_kv(self.ptr) or n_head
+        k_len, v_len = self._head_lengths()
+        return self.n_layer * self.n_head_kv * (k_len + v_len) * 2
+
+    def _head_lengths(self) -> tuple[int, int]:
+        arch, n_head = self.arch, self.n_head
         k_len = int(self.meta(f"{arch}.attention.key_length") or self.n_embd // n_head)
         v_len = int(self.meta(f"{arch}.attention.value_length") or self.n_embd // n_head)
-        return self.n_layer * n_head_kv * (k_len + v_len) * 2
+        return k_len, v_len
 
     def attention_flops_per_token(self) -> int:
         """Attention work of one query row per token of context it attends to (all layers)."""
-        n_head = ll.llama_model_n_head(self.ptr) or 1
-        k_len = int(self.meta(f"{self.arch}.attention.key_length") or self.n_embd // n_head)
-        v_len = int(self.meta(f"{self.arch}.attention.value_length") or self.n_embd // n_head)
-        return 2 * self.n_layer * n_head * (k_len + v_len)
+        k_len, v_len = self._head_lengths()
+        return 2 * self.n_layer * self.n_head * (k_len + v_len)
 
     def info(self) -> ModelInfo:
         pooling = {1: "mean", 2: "cls", 3: "last", 4: "rank"}.get(self.pooling_type(), "none")

@@ -26,6 +26,10 @@ from freehold.engine.scheduler import Engine, EngineConfig
 from freehold.errors import FreeholdError
 from freehold.vault import ModelSpec, resolve_model_spec
 
+# How the pool makes an engine: Engine(path, config, name=…, prompt_cache=…) or a stand-in with
+# its interface (a cluster's, whose replicas run elsewhere).
+EngineFactory = Callable[..., Engine]
+
 
 class InsufficientMemory(FreeholdError):
     """A model does not fit in the memory budget even after unloading every idle model."""
@@ -124,7 +128,12 @@ class ModelPool:
         config: EngineConfig | None = None,
         resolver: Callable[[str], Path | ModelSpec] = default_resolver,
         prompt_cache: PromptCache | None = None,
+        engine_factory: EngineFactory = Engine,
     ) -> None:
+        self._engine_factory = engine_factory  # Engine here; ClusterEngine on a Ray cluster
+        # A factory object holding a connection (a Ray cluster's) is closed with the pool.
+        holds = not isinstance(engine_factory, type)
+        self._close_factory = getattr(engine_factory, "close", None) if holds else None
         self.budget_bytes = budget_bytes or int(available_ram_bytes() * 0.75)
         self.prompt_cache = prompt_cache
         self.keep_alive_s = keep_alive_s
@@ -207,6 +216,8 @@ class ModelPool:
         self._loader.shutdown(wait=True)
         for ref in self.loaded():
             self.unload(ref)
+        if self._close_factory is not None:
+            self._close_factory()
 
     def __enter__(self) -> ModelPool:
         return self
@@ -219,13 +230,11 @@ class ModelPool:
     def _load(self, ref: str, path: Path, config: EngineConfig | None) -> Engine:
         try:
             self._make_room(self._room(ref, path, config or EngineConfig()))
-            engine = Engine(path, config, name=ref, prompt_cache=self.prompt_cache)
-            actual = engine.model.info().size_bytes + (
-                engine.model.kv_bytes_per_token() * engine.n_ctx_per_slot * engine.n_slots
-            )
+            engine = self._engine_factory(path, config, name=ref, prompt_cache=self.prompt_cache)
             on_device = engine.offload.device_bytes
+            host = max(engine.resident_bytes() - on_device, 0)
             with self._lock:
-                self._entries[ref] = _Entry(ref, engine, max(actual - on_device, 0), on_device)
+                self._entries[ref] = _Entry(ref, engine, host, on_device)
             return engine
         finally:
             with self._lock:

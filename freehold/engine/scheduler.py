@@ -39,13 +39,8 @@ import numpy as np
 
 from freehold.engine.adapters import attach_lora
 from freehold.engine.batch import Batch
-from freehold.engine.chat_template import (
-    BUILTIN_TEMPLATES,
-    ChatTemplate,
-    ChatTemplateError,
-    Message,
-)
 from freehold.engine.devices import GpuLayers, OffloadPlan, loaded_plan, resolve_offload
+from freehold.engine.front import EngineFront
 from freehold.engine.model import (
     Model,
     available_ram_bytes,
@@ -56,8 +51,6 @@ from freehold.engine.prompt_cache import CachedState, PromptCache, state_buffer
 from freehold.engine.sampling import Sampler, SamplingParams
 from freehold.engine.stops import StopMatcher
 from freehold.engine.types import (
-    Completion,
-    ContextOverflow,
     Delta,
     EngineClosed,
     EngineStats,
@@ -153,7 +146,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return int(diff[0]) if diff.size else n
 
 
-class Engine:
+class Engine(EngineFront):
     """Serve one model to many concurrent requests. Thread-safe; use from any thread or loop."""
 
     def __init__(
@@ -195,8 +188,7 @@ class Engine:
         self._wake = threading.Event()
         self._outbox = Outbox()
         self._closed = False
-        self._template: ChatTemplate | None = None
-        self._template_loaded = False
+        self.chat_template_override = cfg.chat_template
         self._embedder: Any = None
         self._embed_lock = threading.Lock()
         self.last_active = time.monotonic()
@@ -291,12 +283,6 @@ class Engine:
 
     # -- public API ----------------------------------------------------------------------------
 
-    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
-        return self.model.tokenize(text, add_special=add_special)
-
-    def detokenize(self, tokens: list[int]) -> str:
-        return self.model.detokenize(tokens)
-
     def submit(
         self,
         prompt: str | list[int],
@@ -341,82 +327,6 @@ class Engine:
         self._wake.set()
         return handle
 
-    def complete(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams | None = None,
-        *,
-        timeout: float | None = None,
-        add_special: bool = True,
-    ) -> Completion:
-        """Submit and wait for the whole result."""
-        return self.submit(prompt, params, add_special=add_special).result(timeout)
-
-    @property
-    def chat_template(self) -> ChatTemplate | None:
-        if not self._template_loaded:
-            src = self.config.chat_template or self.model.chat_template()
-            if src is not None:
-                self._template = ChatTemplate(
-                    src,
-                    bos_token=self.model.token_text(self.model.bos_id),
-                    eos_token=self.model.token_text(self.model.eos_id),
-                )
-            self._template_loaded = True
-        return self._template
-
-    @property
-    def chat_template_origin(self) -> str | None:
-        """Whose template chat uses: "override" (EngineConfig.chat_template), "model", or None."""
-        if self.config.chat_template:
-            return "override"
-        return "model" if self.model.chat_template() is not None else None
-
-    def render_chat(
-        self,
-        messages: list[Message],
-        *,
-        tools: list[dict[str, Any]] | None = None,
-        add_generation_prompt: bool = True,
-        **template_kwargs: Any,
-    ) -> str:
-        """The prompt text the template in force (override, else the model's) makes of them."""
-        tmpl = self.chat_template
-        if tmpl is None:
-            raise ChatTemplateError(
-                f"model {self.name} has no chat template (it is a base model), so it cannot chat; "
-                f"pass --chat-template NAME ({', '.join(BUILTIN_TEMPLATES)}) or send a plain "
-                "completion instead (e.g. `freehold run --raw`)"
-            )
-        return tmpl.render(
-            messages, add_generation_prompt=add_generation_prompt, tools=tools, **template_kwargs
-        )
-
-    def chat(
-        self,
-        messages: list[Message],
-        params: SamplingParams | None = None,
-        *,
-        tools: list[dict[str, Any]] | None = None,
-        **template_kwargs: Any,
-    ) -> RequestHandle:
-        """Render `messages` with the template in force and submit the completion."""
-        return self.submit(self.chat_tokens(messages, tools=tools, **template_kwargs), params)
-
-    def chat_tokens(
-        self,
-        messages: list[Message],
-        *,
-        tools: list[dict[str, Any]] | None = None,
-        **template_kwargs: Any,
-    ) -> list[int]:
-        """The prompt tokens `chat` submits for `messages` (what a token-counting route counts)."""
-        text = self.render_chat(messages, tools=tools, **template_kwargs)
-        bos = self.model.token_text(self.model.bos_id) if self.model.add_bos else ""
-        # Templates that write the BOS themselves must not get a second one from the tokenizer.
-        add_special = not (bos and text.startswith(bos))
-        return self.tokenize(text, add_special=add_special)
-
     def embed(self, texts: list[str], *, normalize: bool = True) -> list[list[float]]:
         """One pooled embedding per text (a separate embeddings context, made on first use)."""
         from freehold.engine.embeddings import Embedder
@@ -447,6 +357,11 @@ class Engine:
             prompt_cache_misses=self._cache_misses,
             compute_seconds=self._compute_s,
         )
+
+    def resident_bytes(self) -> int:
+        """Memory the model holds: weights plus every slot's KV cache."""
+        kv = self.model.kv_bytes_per_token() * self.n_ctx_per_slot * self.n_slots
+        return self.model.info().size_bytes + kv
 
     @property
     def busy(self) -> bool:
@@ -479,21 +394,6 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _check_prompt(self, tokens: list[int]) -> None:
-        if not tokens:
-            raise InvalidInput("the prompt is empty; send at least one token of text")
-        if len(tokens) >= self.n_ctx_per_slot:
-            raise ContextOverflow(
-                f"the prompt is {len(tokens)} tokens but the context holds {self.n_ctx_per_slot} "
-                f"(room is needed for at least one generated token); shorten the prompt or load "
-                f"the model with a larger context"
-            )
-        bad = [t for t in tokens if not 0 <= t < self._n_vocab]
-        if bad:
-            raise InvalidInput(
-                f"token id {bad[0]} is outside the vocabulary 0..{self._n_vocab - 1}"
-            )
 
     # -- scheduler thread ----------------------------------------------------------------------
 

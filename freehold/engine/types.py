@@ -162,6 +162,7 @@ class RequestHandle:
         self._outbox = outbox  # the engine's: async events go out once per step
         self.seed: int | None = None  # the sampling seed actually used
         self.prompt_tokens = 0  # the prompt's length in tokens (known at submit)
+        self.failovers = 0  # times a cluster resumed it on another replica (a node died)
 
     # -- scheduler side ------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from freehold.config import Paths
 from freehold.errors import FreeholdError, InvalidInput
-from freehold.measure import cost_formulas, cost_report, hardware, prices
+from freehold.measure import cost_formulas, cost_report, hardware, prices, upstream_prices
 from freehold.server.ledger import connect
 
 # SQL for each --by, over the ledger's `requests` table (ts is ISO-8601 UTC).
@@ -54,6 +54,7 @@ class Rate:
     prefill_tps: float
     decode_tps: float
     throughput_origin: str
+    priced_as: str | None = None  # an upstream's tokens: the price row they cost (not hardware)
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,25 @@ def rate_for(model: str, home: Paths, machine: hardware.Machine) -> Rate | None:
     )
 
 
+def model_rate(
+    model: str,
+    home: Paths,
+    machine: hardware.Machine,
+    upstream: dict[str, str],
+    sheet: Iterable[prices.Price],
+) -> Rate | None:
+    """An upstream model (`--upstream …,price=ROW`) costs its row's list price; a local one,
+    this machine's cost at its measured throughput. None: neither can be known."""
+    row = upstream.get(model)
+    if row is None:
+        return rate_for(model, home, machine)
+    price = upstream_prices.find(sheet, row)
+    if price is None:  # named, but not on the sheet in use: left uncosted, and named
+        return None
+    origin = f"upstream list price as of {price.as_of}"
+    return Rate(model, price.input_per_mtok, price.output_per_mtok, 0.0, 0.0, origin, price.name)
+
+
 def usd(prompt_tokens: int, completion_tokens: int, input_per_mtok: float, out: float) -> float:
     return (prompt_tokens * input_per_mtok + completion_tokens * out) / 1e6
 
@@ -221,7 +241,12 @@ def build_savings(
     if not sheet:
         raise InvalidInput(f"no price rows match --only {' '.join(only or [])}")
     machine = machine or hardware.detect()
-    rates = {m: rate_for(m, home, machine) for m in sorted({u.model for u in usage})}
+    upstream = upstream_prices.load(home)
+    full_sheet = prices.load_prices(price_file)  # an upstream's row need not pass --only
+    rates = {
+        m: model_rate(m, home, machine, upstream, full_sheet)
+        for m in sorted({u.model for u in usage})
+    }
     groups: dict[str, GroupSavings] = {}
     total = GroupSavings(TOTAL)
     for u in usage:

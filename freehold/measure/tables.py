@@ -234,6 +234,16 @@ def savings_tables(r: SavingsReport) -> Group:
     )
     parts: list[Table | Text] = [head]
     for rate in r.rates:
+        if rate.priced_as is not None:
+            parts.append(
+                Text(
+                    f"  {rate.model}: {_usd(rate.input_per_mtok)} in / "
+                    f"{_usd(rate.output_per_mtok)} out per 1M on its upstream, priced as "
+                    f"{rate.priced_as} ({rate.throughput_origin})",
+                    style="dim",
+                )
+            )
+            continue
         parts.append(
             Text(
                 f"  {rate.model}: {_usd(rate.input_per_mtok)} in / {_usd(rate.output_per_mtok)} "

@@ -12,8 +12,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.telemetry import TelemetryConfig
 
+from freehold.cluster.upstream import attach_upstreams
 from freehold.engine import ModelPool
-from freehold.server import anthropic, docs, ollama, openai, ops, responses
+from freehold.server import anthropic, batches, docs, ollama, openai, ops, responses
 from freehold.server.access import authenticate
 from freehold.server.audit import AuditLog
 from freehold.server.auth import KeyStore, RateLimiter
@@ -28,7 +29,13 @@ from freehold.server.registry import ModelRegistry
 from freehold.server.services import Services
 from freehold.server.settings import ServerSettings
 
-DOORS: tuple[Door, ...] = (openai.DOOR, responses.DOOR, anthropic.DOOR, ollama.DOOR)
+DOORS: tuple[Door, ...] = (
+    openai.DOOR,
+    responses.DOOR,
+    batches.DOOR,
+    anthropic.DOOR,
+    ollama.DOOR,
+)
 
 _NO_TELEMETRY: TelemetryConfig = {
     "tracing": False,
@@ -66,14 +73,19 @@ def build_services(settings: ServerSettings, pool: ModelPool) -> Services:
 def create_app(settings: ServerSettings, pool: ModelPool, *, close_pool: bool = True) -> FastAPI:
     """An ASGI app serving `settings.models` from `pool` (which resolves and loads them)."""
     services = build_services(settings, pool)
+    upstreams = attach_upstreams(settings.upstreams, services.registry, services.metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services.registry.start_loading(settings.eager)
+        if upstreams is not None:
+            upstreams.start()
         try:
             yield
         finally:
             services.draining = True
+            if upstreams is not None:
+                upstreams.close()
             services.registry.close()
             services.ledger.close()
             services.audit.close()
@@ -95,6 +107,7 @@ def create_app(settings: ServerSettings, pool: ModelPool, *, close_pool: bool = 
         telemetry=_NO_TELEMETRY,
     )
     app.state.services = services
+    app.state.upstreams = upstreams  # None without --upstream
     app.state.generation = GenerationService(services)
     shapes = {
         prefix: door.render_error

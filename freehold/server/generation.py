@@ -81,6 +81,22 @@ class GenerationRequest:
     audit_prompt: Any = None  # hashed for the audit log; kept only with --log-content
 
 
+@dataclass(frozen=True)
+class Origin:
+    """Where a generation comes from, apart from its key: an HTTP request, or a batch line
+    (which has no connection, so nothing to watch for a disconnect)."""
+
+    request_id: str
+    client: str | None
+    receive: Receive | None = None  # the HTTP request's messages: to notice its client leave
+
+    @classmethod
+    def of(cls, request: Request | Origin) -> Origin:
+        if isinstance(request, Origin):
+            return request
+        return cls(request.state.request_id, client_address(request), request.receive)
+
+
 # -- accounting --------------------------------------------------------------------------------
 
 
@@ -202,12 +218,10 @@ class Choice:
 class Generation:
     """The engine requests behind one API request: their merged events, and their end."""
 
-    def __init__(
-        self, ctx: RequestContext, engine: Engine, request: Request, reserved: int
-    ) -> None:
+    def __init__(self, ctx: RequestContext, engine: Engine, origin: Origin, reserved: int) -> None:
         self.ctx = ctx
         self.engine = engine
-        self.request = request
+        self.origin = origin
         self.choices: list[Choice] = []
         self.reserved = reserved  # places taken in the model's admission count
         self.status = CLIENT_CLOSED  # until the request completes one way or another
@@ -332,6 +346,24 @@ class Generation:
         s.registry.release(self.ctx.model, self.reserved)
         text = "".join(c.output for c in self.choices) if s.audit.log_content else None
         self.ctx.finish(status, text)
+        self._audit_failovers()
+
+    def _audit_failovers(self) -> None:
+        """One `failover` event per choice a cluster resumed on another replica."""
+        for c in self.choices:
+            if c.handle.failovers:
+                self.ctx.services.audit.write(
+                    {
+                        "event": "failover",
+                        "request_id": self.ctx.request_id,
+                        "time": now_iso(),
+                        "key": self.ctx.key.name if self.ctx.key else None,
+                        "model": self.ctx.model,
+                        "choice": c.index,
+                        "resumes": c.handle.failovers,
+                        "completion_tokens": c.tokens,
+                    }
+                )
 
 
 @dataclass
@@ -351,7 +383,7 @@ class GenerationService:
 
     async def admit(
         self,
-        request: Request,
+        request: Request | Origin,
         key: ApiKey | None,
         *,
         endpoint: str,
@@ -366,13 +398,14 @@ class GenerationService:
         release the places. Refusals are in the ledger and audit log too, with 0 tokens.
         """
         s = self.services
+        origin = Origin.of(request)
         ctx = RequestContext(
             services=s,
-            request_id=request.state.request_id,
+            request_id=origin.request_id,
             endpoint=endpoint,
             model=model,
             key=key,
-            client=client_address(request),
+            client=origin.client,
             user=user,
             prompt_sha256=prompt_digest(audit_prompt),
             prompt=audit_prompt if s.audit.log_content else None,
@@ -402,12 +435,13 @@ class GenerationService:
             )
 
     async def start(
-        self, request: Request, key: ApiKey | None, spec: GenerationRequest
+        self, request: Request | Origin, key: ApiKey | None, spec: GenerationRequest
     ) -> Generation:
         """Admit `spec` and submit all of its jobs (all or none)."""
         count = len(spec.jobs)
+        origin = Origin.of(request)
         engine, ctx = await self.admit(
-            request,
+            origin,
             key,
             endpoint=spec.endpoint,
             model=spec.model,
@@ -415,7 +449,7 @@ class GenerationService:
             user=spec.user,
             audit_prompt=spec.audit_prompt,
         )
-        gen = Generation(ctx, engine, request, count)
+        gen = Generation(ctx, engine, origin, count)
         default_limit = self.services.settings.max_tokens
         try:
             for i, job in enumerate(spec.jobs):
@@ -437,7 +471,8 @@ class GenerationService:
 
         A client that disconnects meanwhile cancels the generation.
         """
-        watcher = asyncio.create_task(_cancel_on_disconnect(gen))
+        receive = gen.origin.receive
+        watcher = asyncio.create_task(_cancel_on_disconnect(gen, receive)) if receive else None
         try:
             async for _ in gen.events():
                 pass
@@ -447,13 +482,14 @@ class GenerationService:
             await gen.close(err.status)
             raise err from None
         finally:
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
         await gen.close(200)
         return gen
 
     async def embed(
         self,
-        request: Request,
+        request: Request | Origin,
         key: ApiKey | None,
         *,
         endpoint: str,
@@ -533,10 +569,10 @@ class GenerationStream(StreamingResponse):
             await self.generation.close()
 
 
-async def _cancel_on_disconnect(gen: Generation) -> None:
+async def _cancel_on_disconnect(gen: Generation, receive: Receive) -> None:
     # After the body is read, the next ASGI message is the disconnect (or nothing at all).
     while True:
-        message = await gen.request.receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
             gen.client_gone = True
             gen.cancel()

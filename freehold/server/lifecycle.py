@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -84,16 +85,45 @@ def build_pool(settings: ServerSettings, files: dict[str, ModelSpec | Path]) -> 
         keep_alive_s=math.inf,
         resolver=resolve,
         prompt_cache=PromptCache(settings.cache_ram_bytes),
+        **_cluster_engines(settings),
     )
 
 
+def _cluster_engines(settings: ServerSettings) -> dict[str, Any]:
+    """With `--cluster`, the pool's engines run their replicas there."""
+    if settings.cluster is None:
+        return {}
+    from freehold.cluster.engine import ClusterEngines
+
+    return {"engine_factory": ClusterEngines(settings.cluster)}
+
+
+def served_ids(settings: ServerSettings) -> list[str]:
+    """Every model id clients may name: local models, then upstream groups' (--upstream)."""
+    upstream = [u.model for u in settings.upstreams if u.model not in settings.models]
+    return list(dict.fromkeys([*settings.models, *upstream]))
+
+
 def check_aliases(settings: ServerSettings) -> None:
+    served = served_ids(settings)
     for name, target in settings.aliases.items():
-        if target not in settings.models:
+        if target not in served:
             raise InvalidInput(
                 f"--alias {name}={target}: {target!r} is not served here "
-                f"(served: {', '.join(settings.models)})"
+                f"(served: {', '.join(served)})"
             )
+
+
+def record_upstream_prices(settings: ServerSettings, say: Callable[[str], None]) -> None:
+    """Keep `,price=ROW` of each upstream for `freehold savings`, which reads only the ledger."""
+    from freehold.measure import upstream_prices
+
+    named = [(u.model, u.price) for u in settings.upstreams if u.price is not None]
+    for row in upstream_prices.record(settings.home, named):
+        say(
+            f"--upstream price={row!r} is not a row of the bundled price sheet: give "
+            "`freehold savings --prices FILE` a sheet that has it, or its tokens stay uncosted"
+        )
 
 
 def check_security(settings: ServerSettings) -> bool:
@@ -148,7 +178,7 @@ def banner(settings: ServerSettings, model: str, keys_required: bool) -> str:
     key = 'os.environ["FREEHOLD_API_KEY"]' if keys_required else '"none"'
     body = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
     return (
-        f"Freehold is serving {', '.join(settings.models)} at {base}\n\n"
+        f"Freehold is serving {', '.join(served_ids(settings))} at {base}\n\n"
         f"  curl {base}/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
         f"    -d '{body}'\n\n"
         "  from openai import OpenAI\n"
@@ -188,16 +218,20 @@ def serve(settings: ServerSettings, say: Callable[[str], None]) -> None:
     settings.apply_saved(read_settings(settings.home).get("server", {}) or {})
     keys_required = check_security(settings)
     named = bool(settings.models)
-    files = choose_models(settings.models, say, settings.home)
+    # Upstreams alone serve no local model: the vault is not read (nor the starter imported).
+    only_upstreams = not named and bool(settings.upstreams)
+    files = {} if only_upstreams else choose_models(settings.models, say, settings.home)
     settings.models = list(files)
     check_aliases(settings)
+    record_upstream_prices(settings, say)
     # Named models load at once; from a whole vault, only the first (the rest on demand).
     settings.eager = None if named else settings.models[:1]
     pool = build_pool(settings, files)
     app = create_app(settings, pool)
     server = DrainingServer(uvicorn_config(settings, app), app.state.services)
-    say(f"Loading {', '.join(settings.eager or settings.models)} …")
-    text = banner(settings, settings.models[0], keys_required)
+    if settings.models:
+        say(f"Loading {', '.join(settings.eager or settings.models)} …")
+    text = banner(settings, served_ids(settings)[0], keys_required)
     threading.Thread(
         target=announce_when_ready, args=(server, text, say), name="freehold-banner", daemon=True
     ).start()

@@ -27,7 +27,11 @@ async def ready(request: Request, key: ApiKey | None = Depends(authenticate)) ->
     models = s.registry.ready()
     ok = not s.draining and s.registry.all_ready()
     status = "draining" if s.draining else ("ready" if ok else "loading")
-    return JSONResponse({"status": status, "models": models}, status_code=200 if ok else 503)
+    body: dict[str, object] = {"status": status, "models": models}
+    upstreams = getattr(request.app.state, "upstreams", None)
+    if upstreams is not None:  # each one's health: a model is ready while one of its group is
+        body["upstreams"] = upstreams.describe()
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
 @router.get("/devices")
@@ -37,15 +41,22 @@ async def devices(request: Request, key: ApiKey | None = Depends(authenticate)) 
     s = services(request)
     backend = detect()
     offload = s.registry.pool.offload()
-    return {
+    models = {
+        model: {"state": state, **(offload[model].to_json() if model in offload else {})}
+        for model, state in s.registry.ready().items()
+    }
+    out = {
         "backend": backend.name,
         "gpu_offload": backend.gpu_offload,
         "devices": [asdict(d) for d in backend.devices],
-        "models": {
-            model: {"state": state, **(offload[model].to_json() if model in offload else {})}
-            for model, state in s.registry.ready().items()
-        },
+        "models": models,
     }
+    upstreams = getattr(request.app.state, "upstreams", None)
+    if upstreams is not None:  # their devices are elsewhere: say where, and how they are
+        out["upstreams"] = upstreams.describe()
+        for model, group in upstreams.groups.items():
+            models[model]["summary"] = f"served by upstream {', '.join(u.name for u in group)}"
+    return out
 
 
 @router.get("/metrics")

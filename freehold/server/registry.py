@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from freehold.engine import Engine, EngineStats, ModelPool, SamplingParams
+from freehold.errors import InvalidInput
 from freehold.server.errors import APIError, from_engine
 from freehold.server.metrics import Metrics
 
@@ -28,6 +29,7 @@ class _Model:
     load_started: float = 0.0
     inflight: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    external: Engine | None = None  # made elsewhere (an upstream): always loaded, never warmed
 
 
 class ModelRegistry:
@@ -60,8 +62,27 @@ class ModelRegistry:
             if eager is None or m.id in eager:
                 self._load(m)
 
+    def add_external(self, model_id: str, engine: Engine) -> None:
+        """Serve `model_id` from an engine made elsewhere (e.g. a group of upstream servers).
+
+        It is "loaded" from the start and never goes through the pool; an engine with an
+        `available()` method (false: e.g. every upstream is cooling down) reports that in
+        /ready."""
+        if model_id in self._models:
+            raise InvalidInput(f"{model_id!r} is served twice: by a local model and an upstream")
+        m = _Model(model_id, int(time.time()), external=engine)
+        m.future = Future()
+        m.future.set_result(engine)
+        self._models[model_id] = m
+
+    def is_external(self, model_id: str) -> bool:
+        m = self._models.get(model_id)
+        return m is not None and m.external is not None
+
     def _load(self, m: _Model) -> Future[Engine]:
         fut = m.future
+        if m.external is not None and fut is not None:
+            return fut
         if fut is not None and (not fut.done() or (fut.exception() is None and self._alive(m))):
             return fut
         m.load_started = time.perf_counter()
@@ -77,6 +98,9 @@ class ModelRegistry:
         return engine
 
     def _alive(self, m: _Model) -> bool:
+        if m.external is not None:
+            available = getattr(m.external, "available", None)
+            return available() if available is not None else True
         # The pool may have unloaded an idle model to make room; then it must load again.
         return m.id in self.pool.loaded()
 
@@ -144,7 +168,8 @@ class ModelRegistry:
             elif fut.exception() is not None:
                 out[m.id] = f"failed: {fut.exception()}"
             else:
-                out[m.id] = "loaded" if self._alive(m) else "unloaded"
+                down = "unreachable" if m.external is not None else "unloaded"
+                out[m.id] = "loaded" if self._alive(m) else down
         return out
 
     def failed(self) -> dict[str, str]:

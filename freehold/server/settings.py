@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from freehold.cluster.ray_serve import ClusterPlan
+from freehold.cluster.routing import UpstreamSpec
+from freehold.cluster.routing import parse_upstreams as parse_upstreams  # with parse_aliases
 from freehold.config import Paths, paths
 from freehold.errors import InvalidInput
 
@@ -36,6 +39,10 @@ class ServerSettings:
     load_wait_s: float = 60.0  # a request waits this long for its model to load, then 503
     cache_ram_bytes: int | None = None  # prompt cache in host memory; None: from free RAM; 0: off
     gpu_layers: int | str = "auto"  # `--gpu-layers` for every served model: auto, N or 0
+    # Models served by other OpenAI-compatible servers (`--upstream`, see parse_upstreams).
+    upstreams: list[UpstreamSpec] = field(default_factory=list)
+    # Serve the local models' replicas on a Ray cluster (`--cluster`); None: in this process.
+    cluster: ClusterPlan | None = None
     home: Paths = field(default_factory=paths)
 
     def check(self) -> None:

@@ -197,6 +197,13 @@ class ModelFacts:
 
 
 def model_facts(s: Services, mid: str) -> ModelFacts:
+    if s.registry.is_external(mid):  # --upstream: its weights are on another server
+        raise APIError(
+            501,
+            f"{mid} is served by an upstream server: its weights file, template and details are "
+            "there, not here; ask that server",
+            code="not_supported_for_upstream",
+        )
     path = s.registry.pool.spec(mid).path
     file = _file_facts(path)
     record, texts = _vault_facts(s, path, file.digest, mid)

@@ -60,7 +60,12 @@ async def version(key: ApiKey | None = Depends(authenticate)) -> dict[str, str]:
 @router.get("/api/tags")
 async def tags(request: Request, key: ApiKey | None = Depends(authenticate)) -> dict:
     s = services(request)
-    ids = [m for m in s.registry.ids if key is None or key.allows(m)]
+    # Upstream models (--upstream) have no weights file here to describe: not listed.
+    ids = [
+        m
+        for m in s.registry.ids
+        if (key is None or key.allows(m)) and not s.registry.is_external(m)
+    ]
     facts = await run_in_threadpool(lambda: [model_facts(s, m) for m in ids])
     listed = [
         ListedModel(
@@ -163,7 +168,7 @@ async def ps(request: Request, key: ApiKey | None = Depends(authenticate)) -> di
     running = []
     for mid in s.registry.ids:
         engine = loaded_engine(s, mid)
-        if engine is None or not (key is None or key.allows(mid)):
+        if engine is None or not (key is None or key.allows(mid)) or s.registry.is_external(mid):
             continue
         facts = await run_in_threadpool(model_facts, s, mid)
         running.append(

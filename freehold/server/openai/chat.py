@@ -68,6 +68,11 @@ async def chat_completions(
     return JSONResponse(_response(gen, req, response_id).model_dump(mode="json"))
 
 
+def response_body(gen: Generation, req: ChatCompletionRequest) -> dict[str, object]:
+    """The JSON this endpoint answers for a collected `gen` (the Batch API's lines reuse it)."""
+    return _response(gen, req, f"chatcmpl-{secrets.token_hex(12)}").model_dump(mode="json")
+
+
 def logprobs_out(lps: list[TokenLogprob]) -> ChoiceLogprobs:
     return ChoiceLogprobs(
         content=[

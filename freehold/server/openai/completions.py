@@ -77,6 +77,12 @@ async def completions(
     return JSONResponse(_response(gen, req, response_id, echoes).model_dump(mode="json"))
 
 
+def response_body(gen: Generation, req: CompletionRequest) -> dict[str, object]:
+    """The JSON this endpoint answers for a collected `gen` (the Batch API's lines reuse it)."""
+    echoes = [_echo_text(gen, c.job.prompt) if req.echo else "" for c in gen.choices]
+    return _response(gen, req, f"cmpl-{secrets.token_hex(12)}", echoes).model_dump(mode="json")
+
+
 def _echo_text(gen: Generation, prompt: str | list[int] | None) -> str:
     return prompt if isinstance(prompt, str) else gen.engine.detokenize(list(prompt or []))
 

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from freehold.server.access import authenticate
 from freehold.server.auth import ApiKey
 from freehold.server.errors import APIError
-from freehold.server.generation import GenerationService, generation_service
+from freehold.server.generation import GenerationService, Origin, generation_service
 from freehold.server.openai.protocol import (
     EmbeddingData,
     EmbeddingList,
@@ -35,6 +35,18 @@ async def embeddings(
     key: ApiKey | None = Depends(authenticate),
     service: GenerationService = Depends(generation_service),
 ) -> Response:
+    return JSONResponse(await response_body(service, request, key, req))
+
+
+async def response_body(
+    service: GenerationService,
+    origin: Request | Origin,
+    key: ApiKey | None,
+    req: EmbeddingRequest,
+    endpoint: str = "embeddings",
+) -> dict[str, object]:
+    """Embed `req` and the JSON this endpoint answers (the Batch API's lines reuse it)."""
+
     def check_width(width: int) -> None:
         if req.dimensions is not None and req.dimensions != width:
             raise APIError(
@@ -44,22 +56,20 @@ async def embeddings(
             )
 
     result = await service.embed(
-        request,
+        origin,
         key,
-        endpoint="embeddings",
+        endpoint=endpoint,
         model=req.model,
         texts=req.texts(),
         user=req.user,
         check_width=check_width,
     )
     n = result.prompt_tokens
-    return JSONResponse(
-        EmbeddingList(
-            data=[
-                EmbeddingData(index=i, embedding=_encode(v, req.encoding_format))
-                for i, v in enumerate(result.vectors)
-            ],
-            model=req.model,
-            usage=EmbeddingUsage(prompt_tokens=n, total_tokens=n),
-        ).model_dump(mode="json")
-    )
+    return EmbeddingList(
+        data=[
+            EmbeddingData(index=i, embedding=_encode(v, req.encoding_format))
+            for i, v in enumerate(result.vectors)
+        ],
+        model=req.model,
+        usage=EmbeddingUsage(prompt_tokens=n, total_tokens=n),
+    ).model_dump(mode="json")
