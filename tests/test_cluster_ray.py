@@ -23,7 +23,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every node on 127.0.0.1
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"  # Serve's threads must not reconnect after shutdown
 
-ray = pytest.importorskip("ray")
+import ray  # noqa: E402
 from openai import OpenAI  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 from server_harness import running_server  # noqa: E402

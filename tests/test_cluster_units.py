@@ -116,3 +116,25 @@ def test_load_wins_over_the_prefix_only_past_the_imbalance() -> None:
     load["a"] = 6
     assert rank(["a", "b"], load, "a", imbalance=4) == [["b"], ["a"]]
     assert rank(["a", "b"], load, None) == [["b"], ["a"]]
+
+
+def test_events_are_coalesced_to_one_message_per_window() -> None:
+    import asyncio
+
+    from freehold.cluster.replica import coalesced
+    from freehold.engine import Delta, Finished, Timings, Usage
+
+    async def events(gaps: list[float]):  # noqa: ANN202
+        for gap in gaps:
+            await asyncio.sleep(gap)
+            yield Delta("x", (1,))
+        yield Finished("stop", Usage(1, len(gaps), 0), Timings(0, 0, 0, 0, 0))
+
+    async def run(gaps: list[float]) -> list[int]:
+        return [len(b) async for b in coalesced(events(gaps), 0.05)]
+
+    # Slow tokens (every 80 ms) go one by one; the first never waits.
+    assert asyncio.run(run([0.0, 0.08, 0.08])) == [1, 1, 1, 1]
+    # Fast tokens (every 5 ms) travel together: the first alone, then one message a window.
+    sizes = asyncio.run(run([0.005] * 40))
+    assert sizes[0] == 1 and sum(sizes) == 41 and len(sizes) <= 8, sizes

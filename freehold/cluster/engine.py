@@ -95,6 +95,7 @@ class ClusterEngine(EngineFront):
         self.slots_per_replica: int = facts["n_slots"]
         self._lock = threading.Lock()
         self._outbox = Outbox()
+        self._flush_scheduled = False  # touched on the cluster loop's thread only
         self._running = 0
         self._generated = self._prompt_computed = self._prompt_cached = 0
         self._hits = self._misses = 0
@@ -244,7 +245,15 @@ class ClusterEngine(EngineFront):
         )
 
     def _push(self, handle: RequestHandle, ev: Delta | Finished) -> None:
+        """Hand an event to its consumer; every stream's events of one turn of the cluster
+        loop reach the server's loop in one wake-up, as the engine's do once per step."""
         handle._push(ev)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.cluster.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
         self._outbox.flush()
 
     def _finish(self, handle: RequestHandle, ev: Finished) -> None:

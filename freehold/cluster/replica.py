@@ -2,9 +2,9 @@
 
 The gateway tokenizes and templates; a replica only takes token ids and sampling parameters,
 runs them on its `Engine` (continuous batching, prefix cache, adapters) and streams the events
-back. Events are coalesced: the first goes at once (time to first token), later ones travel
-together once per `window_s`, so the per-message cost of a Serve stream (~0.5-1 ms) is paid a
-few times per second rather than once per token.
+back. Events are coalesced: a stream sends at most one message per `window_s` (an event after
+a quiet window, such as the first token, goes at once), so the per-message cost of a Serve
+stream (~0.5-1 ms) is paid at most 20 times a second per stream, not once per token.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from freehold.cluster import shipping
 from freehold.engine import Engine, EngineConfig, EngineStats, Event, Finished, PromptCache
 from freehold.engine.sampling import SamplingParams
 
-COALESCE_S = 0.02
+COALESCE_S = 0.05  # at most 20 messages a second per stream
 
 
 @dataclass(frozen=True)
@@ -109,33 +109,29 @@ class EngineReplica:
 
 
 async def coalesced(events: AsyncIterator[Event], window_s: float) -> AsyncIterator[list[Event]]:
-    """`events` in lists: the first alone, then whatever arrived within each window."""
+    """`events` in lists, at most one list per `window_s`: an event that comes after a quiet
+    window goes at once (the first token, or tokens slower than the window); faster ones wait
+    for the window to close and travel together. The last event is never held back."""
     loop = asyncio.get_running_loop()
     batch: list[Event] = []
-    deadline = 0.0
-    first = True
+    last_sent = -window_s
     pending: asyncio.Future[Event] | None = None
     try:
         while True:
             if pending is None:
                 pending = asyncio.ensure_future(anext(events))
-            timeout = max(deadline - loop.time(), 0.0) if batch else None
+            timeout = max(last_sent + window_s - loop.time(), 0.0) if batch else None
             done, _ = await asyncio.wait({pending}, timeout=timeout)
-            if not done:  # the window closed with events waiting
+            if done:
+                try:
+                    batch.append(pending.result())
+                except StopAsyncIteration:
+                    break
+                pending = None
+            due = loop.time() >= last_sent + window_s
+            if batch and (due or isinstance(batch[-1], Finished)):
                 yield batch
-                batch = []
-                continue
-            try:
-                ev = pending.result()
-            except StopAsyncIteration:
-                break
-            pending = None
-            if not batch:
-                deadline = loop.time() + window_s
-            batch.append(ev)
-            if first or isinstance(ev, Finished):
-                yield batch
-                batch, first = [], False
+                batch, last_sent = [], loop.time()
         if batch:
             yield batch
     finally:
