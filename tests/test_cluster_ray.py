@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every node on 127.0.0.1
@@ -173,6 +174,9 @@ def test_streams_survive_the_loss_of_a_node(gateway: Any, cluster: Any) -> None:
     failovers = [e for e in _audit(gateway) if e.get("event") == "failover"]
     assert 1 <= len(failovers) <= 6
     assert all(e["completion_tokens"] == LONG for e in failovers)
+    metrics = httpx.get(gateway.base + "/metrics", headers=_auth(gateway)).text
+    resumes = sum(e["resumes"] for e in failovers)
+    assert f'freehold_failovers_total{{model="smollm2"}} {float(resumes)}' in metrics
 
 
 def test_a_replica_returns_when_a_node_does(gateway: Any, cluster: Any) -> None:
@@ -183,6 +187,10 @@ def test_a_replica_returns_when_a_node_does(gateway: Any, cluster: Any) -> None:
         assert time.monotonic() < deadline, "no replica on the re-added node within 30 s"
         time.sleep(0.5)
     assert len(greedy_stream(gateway, 8)) > 0
+
+
+def _auth(srv: Any) -> dict[str, str]:
+    return {"Authorization": f"Bearer {srv.secrets['team']}"}
 
 
 def _ledger_completion_tokens(srv: Any) -> int:

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import re
+import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,25 @@ def cluster_plan(
     )
 
 
+def _check_reachable(address: str) -> None:
+    """Refuse at once when nothing listens at a HOST:PORT address (ray.init would retry for
+    minutes, printing its own log lines)."""
+    if address == "auto" or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise InvalidInput(
+            f"--cluster takes HOST:PORT (e.g. 10.0.0.1:6379) or 'auto', got {address!r}"
+        )
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except OSError as e:
+        raise FreeholdError(
+            f"no Ray cluster answers at {address} ({e.strerror or e}); start one with "
+            "`ray start --head --port=6379` and pass HEAD:6379 (or 'auto' on one of its nodes)"
+        ) from None
+
+
 def deployment_name(model: str) -> str:
     return "freehold-" + re.sub(r"[^A-Za-z0-9_-]", "_", model)
 
@@ -117,6 +137,7 @@ class RayCluster:
         self.plan = plan
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no telemetry
         if not ray.is_initialized():
+            _check_reachable(plan.address)
             try:
                 ray.init(address=plan.address, logging_level=logging.WARNING, log_to_driver=False)
             except (ConnectionError, ValueError, RuntimeError) as e:
@@ -125,6 +146,7 @@ class RayCluster:
                     "with `ray start --head` and pass its address (or 'auto' on a node of it)"
                 ) from None
         self.node_id = ray.get_runtime_context().get_node_id()
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # not a line per deployment
         serve.start(proxy_location="Disabled", logging_config=_QUIET_LOGS)
         self.source = self._start_source()
         self._offered: dict[str, str] = {}

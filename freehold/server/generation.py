@@ -352,6 +352,7 @@ class Generation:
         """One `failover` event per choice a cluster resumed on another replica."""
         for c in self.choices:
             if c.handle.failovers:
+                self.ctx.services.metrics.failovers.labels(self.ctx.model).inc(c.handle.failovers)
                 self.ctx.services.audit.write(
                     {
                         "event": "failover",

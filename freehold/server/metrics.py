@@ -153,6 +153,12 @@ class Metrics:
             ["model", "reason"],
             registry=r,
         )
+        self.failovers = Counter(
+            "freehold_failovers",
+            "Requests resumed on another replica after theirs was lost (serve --cluster)",
+            ["model"],
+            registry=r,
+        )
 
     def observe_generation(
         self, model: str, usage: Usage, ttft_s: float | None, decode_s: float
