@@ -172,8 +172,11 @@ def test_streams_survive_the_loss_of_a_node(gateway: Any, cluster: Any) -> None:
     delivered = _ledger_completion_tokens(gateway) - before
     assert delivered == 6 * LONG + 1
     failovers = [e for e in _audit(gateway) if e.get("event") == "failover"]
-    assert 1 <= len(failovers) <= 6
-    assert all(e["completion_tokens"] == LONG for e in failovers)
+    # One per resumed stream; the 1-token request resumes too when Serve sent it to the lost
+    # replica before Ray reported that replica gone.
+    streams = [e for e in failovers if e["completion_tokens"] == LONG]
+    assert 1 <= len(streams) <= 6
+    assert all(e["completion_tokens"] in (LONG, 1) for e in failovers), failovers
     metrics = httpx.get(gateway.base + "/metrics", headers=_auth(gateway)).text
     resumes = sum(e["resumes"] for e in failovers)
     assert f'freehold_failovers_total{{model="smollm2"}} {float(resumes)}' in metrics

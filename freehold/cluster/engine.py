@@ -133,13 +133,7 @@ class ClusterEngine(EngineFront):
         add_special: bool = True,
     ) -> RequestHandle:
         """Queue a completion on a replica; returns at once."""
-        params = (params or SamplingParams()).validate()
-        tokens = (
-            self.tokenize(prompt, add_special=add_special)
-            if isinstance(prompt, str)
-            else list(prompt)
-        )
-        self._check_prompt(tokens)
+        tokens, params = self._prepare(prompt, params, add_special)
         # One seed for every attempt, so a resumed request samples as the first one did.
         params = replace(params, seed=params.resolved_seed())
         cancel = _Cancel()

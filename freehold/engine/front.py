@@ -40,6 +40,19 @@ class EngineFront:
     ) -> RequestHandle:
         raise NotImplementedError
 
+    def _prepare(
+        self, prompt: str | list[int], params: SamplingParams | None, add_special: bool
+    ) -> tuple[list[int], SamplingParams]:
+        """A request's prompt tokens and checked parameters, or the error that refuses it."""
+        params = (params or SamplingParams()).validate()
+        tokens = (
+            self.tokenize(prompt, add_special=add_special)
+            if isinstance(prompt, str)
+            else list(prompt)
+        )
+        self._check_prompt(tokens)
+        return tokens, params
+
     def _check_prompt(self, tokens: list[int]) -> None:
         if not tokens:
             raise InvalidInput("the prompt is empty; send at least one token of text")

@@ -293,13 +293,7 @@ class Engine(EngineFront):
         """Queue a completion; returns at once. Raises InvalidInput/ContextOverflow/QueueFull."""
         if self._closed or self._fatal:
             raise EngineClosed(f"model {self.name} is not running ({self._fatal or 'closed'})")
-        params = (params or SamplingParams()).validate()
-        tokens = (
-            self.tokenize(prompt, add_special=add_special)
-            if isinstance(prompt, str)
-            else list(prompt)
-        )
-        self._check_prompt(tokens)
+        tokens, params = self._prepare(prompt, params, add_special)
         room = self.n_ctx_per_slot - len(tokens)
         max_new = room if params.max_tokens is None else min(params.max_tokens, room)
         handle = RequestHandle(next(_ids), self._wake, self._outbox)
