@@ -175,7 +175,7 @@ def test_streams_survive_the_loss_of_a_node(gateway: Any, cluster: Any) -> None:
     # One per resumed stream; the 1-token request resumes too when Serve sent it to the lost
     # replica before Ray reported that replica gone.
     streams = [e for e in failovers if e["completion_tokens"] == LONG]
-    assert 1 <= len(streams) <= 6
+    assert 1 <= len(streams) <= 6, failovers
     assert all(e["completion_tokens"] in (LONG, 1) for e in failovers), failovers
     metrics = httpx.get(gateway.base + "/metrics", headers=_auth(gateway)).text
     resumes = sum(e["resumes"] for e in failovers)

@@ -138,3 +138,8 @@ def test_events_are_coalesced_to_one_message_per_window() -> None:
     # Fast tokens (every 5 ms) travel together: the first alone, then one message a window.
     sizes = asyncio.run(run([0.005] * 40))
     assert sizes[0] == 1 and sum(sizes) == 41 and len(sizes) <= 8, sizes
+
+
+def test_equal_loads_spread_a_burst() -> None:
+    firsts = Counter(rank(["a", "b"], Counter(), None)[0][0] for _ in range(200))
+    assert set(firsts) == {"a", "b"} and min(firsts.values()) > 50

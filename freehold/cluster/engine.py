@@ -93,6 +93,8 @@ class ClusterEngine(EngineFront):
             raise
         self.n_ctx_per_slot: int = facts["n_ctx_per_slot"]
         self.slots_per_replica: int = facts["n_slots"]
+        # What admission counts: the slots of every replica the deployment runs (at most).
+        self.n_slots = self.slots_per_replica * cluster.replica_targets[self.name]
         self._lock = threading.Lock()
         self._outbox = Outbox()
         self._flush_scheduled = False  # touched on the cluster loop's thread only
@@ -106,16 +108,6 @@ class ClusterEngine(EngineFront):
         self.last_active = time.monotonic()
 
     # -- sizing --------------------------------------------------------------------------------
-
-    @property
-    def n_slots(self) -> int:
-        """Slots across the replicas the cluster can run (what admission counts)."""
-        plan = self.cluster.plan
-        if plan.autoscale is not None:
-            replicas = plan.autoscale.max_replicas
-        else:
-            replicas = plan.replicas or max(len(self.cluster.alive_nodes()), 1)
-        return self.slots_per_replica * replicas
 
     def resident_bytes(self) -> int:
         return 0  # the weights live on the replicas; the gateway holds only the vocabulary

@@ -14,6 +14,7 @@ vLLM). Imported only under `serve --cluster`, where Ray is installed.
 
 from __future__ import annotations
 
+import random
 from collections import Counter, OrderedDict
 from collections.abc import Hashable, Sequence
 from typing import Any
@@ -74,8 +75,9 @@ def rank(
     imbalance: int = IMBALANCE,
 ) -> list[list[Hashable]]:
     """Candidates in the order to try them: the prefix's holder first unless it is too busy,
-    then the rest, least loaded first."""
-    by_load = sorted(candidates, key=lambda r: load[r])
+    then the rest, least loaded first. Equal loads are shuffled: a burst routed before any of
+    its requests is counted must not all go to one replica."""
+    by_load = sorted(candidates, key=lambda r: (load[r], random.random()))
     if preferred is None or preferred not in candidates:
         return [[r] for r in by_load]
     if load[preferred] - load[by_load[0]] > imbalance:

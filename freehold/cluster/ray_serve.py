@@ -151,6 +151,7 @@ class RayCluster:
         self.source = self._start_source()
         self._offered: dict[str, str] = {}
         self._apps: dict[str, str] = {}  # model -> Serve application
+        self.replica_targets: dict[str, int] = {}  # model -> replicas it runs (at most)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self.loop.run_forever, name="freehold-cluster", daemon=True
@@ -183,9 +184,12 @@ class RayCluster:
             node_cache=str(self.plan.node_cache),
         )
         name = deployment_name(model)
-        deployment = serve.deployment(EngineReplica).options(name=name, **self._options(config))
+        options = self._options(config)
+        deployment = serve.deployment(EngineReplica).options(name=name, **options)
         serve.run(deployment.bind(spec, self.source), name=name, route_prefix=None)
         self._apps[model] = name
+        auto = self.plan.autoscale
+        self.replica_targets[model] = auto.max_replicas if auto else options["num_replicas"]
         return serve.get_deployment_handle(name, app_name=name)
 
     def _offer(self, path: Path) -> shipping.Blob:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from freehold.cluster import shipping
-from freehold.engine import Engine, EngineConfig, EngineStats, Event, Finished, PromptCache
+from freehold.engine import Engine, EngineConfig, Event, Finished, PromptCache
 from freehold.engine.sampling import SamplingParams
 
 COALESCE_S = 0.05  # at most 20 messages a second per stream
@@ -74,18 +74,9 @@ class EngineReplica:
 
         return shipping.fetch(blob, read, Path(self.spec.node_cache))
 
-    def facts(self) -> dict[str, Any]:
-        e = self.engine
-        return {
-            "node_id": self.node_id,
-            "n_slots": e.n_slots,
-            "n_ctx_per_slot": e.n_ctx_per_slot,
-            "gpu_layers": e.offload.gpu_layers,
-            "path": str(e.model.path),
-        }
-
-    def stats(self) -> EngineStats:
-        return self.engine.stats()
+    def facts(self) -> dict[str, int]:
+        """What the gateway's admission needs: slots and context per slot."""
+        return {"n_slots": self.engine.n_slots, "n_ctx_per_slot": self.engine.n_ctx_per_slot}
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         return self.engine.embed(texts)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from freehold.errors import FreeholdError, IntegrityError
+from freehold.vault.blobs import hash_file
 
 CHUNK_BYTES = 16 << 20
 CHUNK_TRIES = 3
@@ -38,20 +39,12 @@ class Blob:
         return max(1, -(-self.size // CHUNK_BYTES))
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while piece := f.read(8 << 20):
-            h.update(piece)
-    return h.hexdigest()
-
-
 def describe(path: Path) -> Blob:
     """The content address of a local file: vault blobs are named by it, others are hashed."""
     name = path.resolve().name
     digest = name.removeprefix("sha256-")
     if not (name.startswith("sha256-") and len(digest) == 64):
-        digest = sha256_file(path)
+        digest = hash_file(path)[0].removeprefix("sha256:")
     return Blob(digest, path.stat().st_size, path.name)
 
 
@@ -63,11 +56,6 @@ class BlobSource:
 
     def offer(self, sha256: str, path: str) -> None:
         self._files[sha256] = Path(path)
-
-    def node_id(self) -> str:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
 
     def chunk(self, sha256: str, index: int) -> tuple[bytes, str]:
         """Chunk `index` of a file and its own sha256."""
